@@ -1,0 +1,89 @@
+"""LoRA: Low-Rank Adaptation (Hu et al., 2021, arXiv:2106.09685), with rsLoRA scaling (Kalajdzievski, 2023).
+
+The frozen weight W0 (d_out x d_in) gets a trainable low-rank update, eq. (3) of the paper:
+
+    h = W0 x + (alpha / r) * B A x,      A: r x d_in,  B: d_out x r,  B = 0 at init
+
+so training starts from the base model. rsLoRA scales by alpha / sqrt(r) instead, which keeps the update's
+magnitude stable as r grows. The forward never builds W0 + BA: it runs ``A`` with the host's own operation (a
+linear map, an embedding lookup, a strided convolution), then adds ``scale * B h`` into the host's output in place.
+Merging adds the update, computed in float32, to the weight; unmerging subtracts it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from peftkit import Adapter, Capabilities, Method, MethodConfig
+from peftkit.sites import WeightSite, weight_site_types
+
+
+class LoRAConfig(MethodConfig):
+    method: Literal["lora"] = "lora"
+    r: int = Field(default=8, gt=0, description="rank of the update")
+    alpha: float = Field(
+        default=16.0, gt=0, description="the update is scaled by alpha / r (alpha / sqrt(r))"
+    )
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout on the input of the LoRA path")
+    rslora: bool = Field(default=False, description="scale by alpha / sqrt(r) (rank-stabilised LoRA)")
+    init: Literal["kaiming", "gaussian"] = Field(default="kaiming", description="initialisation of A; B is 0")
+
+
+class LoRAAdapter(Adapter):
+    def __init__(self, config: LoRAConfig, site: WeightSite) -> None:
+        super().__init__()
+        self.site = site
+        self.rank = config.r
+        self.scaling = config.alpha / (math.sqrt(config.r) if config.rslora else config.r)
+        self.dropout = 0.0 if site.input_is_index else config.dropout
+        factory = {"device": site.device, "dtype": site.dtype}
+        self.lora_a = nn.Parameter(torch.empty(config.r, site.in_features, **factory))
+        self.lora_b = nn.Parameter(torch.zeros(site.out_features, config.r, **factory))
+        if config.init == "kaiming":  # the same as nn.Linear's default initialisation
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_a, std=1.0 / config.r)
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.dropout and self.training:  # no dropout copy of x when there is no dropout
+            x = F.dropout(x, self.dropout, training=True)
+        h = self.site.project_in(x, self.lora_a)  # "... d_in -> ... r"
+        return self.site.project_out_(out, h, self.lora_b, self.scaling)  # out += scaling * h @ B.T
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B A as a (d_out, d_in) matrix in float32, or float64 for a float64 model."""
+        dtype = torch.promote_types(self.lora_a.dtype, torch.float32)
+        return (self.lora_b.to(dtype) @ self.lora_a.to(dtype)).mul_(self.scaling)
+
+    def merge(self) -> None:
+        self.site.add_to_weight_(self.delta_weight())
+
+    def unmerge(self) -> None:
+        self.site.add_to_weight_(-self.delta_weight())
+
+
+class LoRA(Method):
+    name = "lora"
+    config = LoRAConfig
+    capabilities = Capabilities(
+        site="weight",
+        module_types=weight_site_types(),
+        mergeable=True,
+        identity_at_init=True,
+        routable=False,
+        commutes=True,
+    )
+
+    @classmethod
+    def parameter_count(cls, config: LoRAConfig, site: WeightSite) -> int:
+        return config.r * (site.in_features + site.out_features)
+
+    @classmethod
+    def create(cls, config: LoRAConfig, site: WeightSite) -> LoRAAdapter:
+        return LoRAAdapter(config, site)

@@ -1,0 +1,62 @@
+"""peftkit: composable parameter-efficient fine-tuning.
+
+Methods are plugins found through a registry; a declarative spec says which adapter goes where; the core attaches,
+merges, saves and loads them without knowing which method it drives.
+"""
+
+from peftkit import zoo
+from peftkit.attach import (
+    TrainableParameters,
+    attach,
+    detach,
+    merge,
+    plan,
+    trainable_parameters,
+    unmerge,
+)
+from peftkit.errors import (
+    AttachError,
+    CheckpointError,
+    PeftkitError,
+    RegistryError,
+    SpecError,
+    TargetingError,
+)
+from peftkit.io import load, read_spec, save
+from peftkit.method import Adapter, Capabilities, Method, MethodConfig
+from peftkit.registry import get_method, known_methods, register_method, registered, unregister_method
+from peftkit.spec import Spec
+from peftkit.targeting import Plan, PlanRow
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "AttachError",
+    "Capabilities",
+    "CheckpointError",
+    "Method",
+    "MethodConfig",
+    "PeftkitError",
+    "Plan",
+    "PlanRow",
+    "RegistryError",
+    "Spec",
+    "SpecError",
+    "TargetingError",
+    "TrainableParameters",
+    "attach",
+    "detach",
+    "get_method",
+    "known_methods",
+    "load",
+    "merge",
+    "plan",
+    "read_spec",
+    "register_method",
+    "registered",
+    "save",
+    "trainable_parameters",
+    "unmerge",
+    "unregister_method",
+]

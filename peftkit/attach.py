@@ -1,0 +1,248 @@
+"""Attach, detach, merge and unmerge adapters, and keep the training state honest.
+
+Adapters live in an ``nn.ModuleDict`` named ``peftkit_adapters`` on their host module, so they move with
+``model.to()``, appear in ``model.parameters()`` and in the state dict under new keys, while every key and value the
+base model had stays exactly as it was. One forward hook per host runs the host's active adapters on its output.
+Attaching is all or nothing: every adapter is built before the model is touched, and a failure while installing
+rolls back what was installed, so a failed attach leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from peftkit.errors import AttachError
+from peftkit.method import Adapter, Method, MethodConfig
+from peftkit.spec import Spec
+from peftkit.targeting import ADAPTER_CONTAINER, Plan, base_modules, compile_pattern, resolve
+
+STATE_ATTRIBUTE = "_peftkit_state"
+
+
+@dataclass
+class AttachedAdapter:
+    adapter_name: str
+    path: str
+    method: type[Method]
+    config: MethodConfig
+    module: Adapter
+
+
+@dataclass
+class ModelState:
+    """What peftkit changed on a model, so that every change can be undone exactly."""
+
+    spec: Spec
+    attached: list[AttachedAdapter] = field(default_factory=list)
+    hooks: dict[str, RemovableHandle] = field(default_factory=dict)
+    original_requires_grad: dict[str, bool] = field(default_factory=dict)
+    active: set[str] = field(default_factory=set)
+
+    def adapters(self, names: Iterable[str] | None = None) -> list[AttachedAdapter]:
+        if names is None:
+            return list(self.attached)
+        wanted = set(names)
+        unknown = wanted - {a.adapter_name for a in self.attached}
+        if unknown:
+            known = sorted({a.adapter_name for a in self.attached})
+            raise AttachError(f"no attached adapter named {sorted(unknown)}; attached: {known}")
+        return [a for a in self.attached if a.adapter_name in wanted]
+
+
+def get_state(model: nn.Module) -> ModelState | None:
+    return getattr(model, STATE_ATTRIBUTE, None)
+
+
+def require_state(model: nn.Module) -> ModelState:
+    state = get_state(model)
+    if state is None:
+        raise AttachError("this model has no peftkit adapters; call peftkit.attach(model, spec) first")
+    return state
+
+
+def _make_hook(state: ModelState):
+    def run_adapters(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        for name, adapter in getattr(module, ADAPTER_CONTAINER).items():
+            if name in state.active and not adapter.merged:
+                out = adapter(x, out)
+        return out
+
+    return run_adapters
+
+
+def plan(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path) -> Plan:
+    """Dry run: which module gets which adapter, with parameter counts. Nothing is changed."""
+    return resolve(model, Spec.coerce(spec))[0]
+
+
+def _set_training_state(model: nn.Module, state: ModelState) -> None:
+    """Freeze the base, then make trainable exactly the adapters and the spec's ``trainable`` modules."""
+    modules = dict(model.named_modules())
+    for name, parameter in model.named_parameters():
+        if ADAPTER_CONTAINER not in name.split("."):
+            state.original_requires_grad.setdefault(name, parameter.requires_grad)
+            parameter.requires_grad_(False)
+    for attached in state.attached:
+        for parameter in attached.module.parameters():
+            parameter.requires_grad_(True)
+    for path in plan_trainable_paths(model, state.spec):
+        for parameter in modules[path].parameters():
+            parameter.requires_grad_(True)
+
+
+def plan_trainable_paths(model: nn.Module, spec: Spec) -> list[str]:
+    paths = []
+    for pattern in spec.trainable:
+        match = compile_pattern(pattern)
+        paths.extend(p for p in base_modules(model) if match(p) and p not in paths)
+    return paths
+
+
+def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path) -> nn.Module:
+    """Attach the spec's adapters to ``model`` in place and return the same model object.
+
+    The base is frozen and only the adapters (and the spec's ``trainable`` modules) train. A model that already has
+    adapters gets these as well; names must differ. If anything fails the model is left exactly as it was.
+    """
+    spec = Spec.coerce(spec)
+    previous = get_state(model)
+    combined = previous.spec.merged_with(spec) if previous is not None else spec
+    _, planned = resolve(model, spec)
+    built = [(item, item.method.create(item.config, item.site)) for item in planned]
+
+    state = previous or ModelState(spec=combined)
+    saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    state_before = (state.spec, len(state.attached), set(state.active))
+    try:
+        object.__setattr__(model, STATE_ATTRIBUTE, state)
+        state.spec = combined
+        for item, adapter in built:
+            container = getattr(item.module, ADAPTER_CONTAINER, None)
+            if container is None:
+                container = nn.ModuleDict()
+                item.module.add_module(ADAPTER_CONTAINER, container)
+                state.hooks[item.row.path] = item.module.register_forward_hook(_make_hook(state))
+            container[item.row.adapter] = adapter
+            state.attached.append(
+                AttachedAdapter(item.row.adapter, item.row.path, item.method, item.config, adapter)
+            )
+        state.active.update(spec.adapters)
+        _set_training_state(model, state)
+    except BaseException:
+        new = state.attached[state_before[1] :]
+        _remove(model, state, new)
+        state.spec, state.active = state_before[0], state_before[2]
+        for name, parameter in model.named_parameters():
+            if name in saved_flags:
+                parameter.requires_grad_(saved_flags[name])
+        if previous is None:
+            _drop_state(model)
+        raise
+    return model
+
+
+def _remove(model: nn.Module, state: ModelState, removing: list[AttachedAdapter]) -> None:
+    modules = dict(model.named_modules())
+    for attached in removing:
+        host = modules[attached.path]
+        container = getattr(host, ADAPTER_CONTAINER)
+        del container[attached.adapter_name]
+        if len(container) == 0:
+            delattr(host, ADAPTER_CONTAINER)
+            state.hooks.pop(attached.path).remove()
+        state.attached.remove(attached)
+
+
+def _drop_state(model: nn.Module) -> None:
+    if STATE_ATTRIBUTE in model.__dict__:
+        object.__delattr__(model, STATE_ATTRIBUTE)
+
+
+def detach(model: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
+    """Remove adapters (all, or the named ones); merged ones are unmerged first.
+
+    Detaching every adapter of an unmerged model restores it bit for bit, ``requires_grad`` flags included.
+    """
+    state = require_state(model)
+    removing = state.adapters(names)
+    merged = [a for a in removing if a.module.merged]
+    if merged:
+        unmerge(model, sorted({a.adapter_name for a in merged}))
+    _remove(model, state, removing)
+    gone = {a.adapter_name for a in removing} - {a.adapter_name for a in state.attached}
+    state.active -= gone
+    if not state.attached:
+        for name, parameter in model.named_parameters():
+            if name in state.original_requires_grad:
+                parameter.requires_grad_(state.original_requires_grad[name])
+        _drop_state(model)
+    else:
+        state.spec = Spec(
+            adapters={k: v for k, v in state.spec.adapters.items() if k not in gone},
+            trainable=state.spec.trainable,
+        )
+    return model
+
+
+def merge(model: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
+    """Fold active adapters (or the named ones) into the base weights: no added latency at inference.
+
+    Refused up front, before any weight changes, if a chosen adapter's method is not mergeable.
+    """
+    state = require_state(model)
+    chosen = [a for a in state.adapters(names) if names is not None or a.adapter_name in state.active]
+    refused = sorted({(a.adapter_name, a.method.name) for a in chosen if not a.method.capabilities.mergeable})
+    if refused:
+        raise AttachError(
+            f"cannot merge {refused}: these methods are not mergeable (their capabilities say so); "
+            "merge only the mergeable adapters by name, or run them unmerged"
+        )
+    for attached in chosen:
+        if not attached.module.merged:
+            attached.module.merge()
+            attached.module.merged = True
+    return model
+
+
+def unmerge(model: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
+    """Undo :func:`merge` (exact up to the rounding of the weight's dtype)."""
+    state = require_state(model)
+    for attached in state.adapters(names):
+        if attached.module.merged:
+            attached.module.unmerge()
+            attached.module.merged = False
+    return model
+
+
+@dataclass(frozen=True)
+class TrainableParameters:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable: {self.trainable:,} / total: {self.total:,} ({self.percent:.4f}%)"
+
+
+def trainable_parameters(model: nn.Module) -> TrainableParameters:
+    """Counts of parameters that will receive gradients, out of all the model's parameters."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for parameter in model.parameters():
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+        trainable += parameter.numel() if parameter.requires_grad else 0
+    return TrainableParameters(trainable, total)

@@ -1,0 +1,114 @@
+"""The contract between the core and a method plugin.
+
+A method is a class with a name, a pydantic config, a :class:`Capabilities` record and two class methods: one that
+counts the parameters an adapter will have (so a plan can be printed before anything is built) and one that builds
+the adapter for a site. The adapter is an ``nn.Module`` whose ``forward(x, out)`` turns the host module's output
+into the adapted output. Everything the core decides about a method (what it can attach to, whether it can merge,
+which properties the conformance suite checks) is read from the capabilities, never from the method's name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from peftkit.layers import parse_layers
+
+SiteKind = Literal["weight", "output", "parallel", "attention", "input"]
+
+
+class MethodConfig(BaseModel):
+    """Fields every spec entry has; a method's own config subclasses this and pins ``method`` to a Literal."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    method: str
+    target: str | list[str] = Field(description="module-path glob(s); a 're:' prefix makes a regex")
+    layers: list[int] | None = Field(
+        default=None, description="layer indices; a string such as '0-3,8' works too"
+    )
+    module_types: list[str] | None = Field(
+        default=None, description="keep only matched modules whose class name is listed (e.g. ['Linear'])"
+    )
+
+    @field_validator("target")
+    @classmethod
+    def _targets_are_patterns(cls, value: str | list[str]) -> str | list[str]:
+        from peftkit.targeting import compile_pattern
+
+        patterns = [value] if isinstance(value, str) else value
+        if not patterns:
+            raise ValueError("target must name at least one pattern")
+        for pattern in patterns:
+            compile_pattern(pattern)
+        return value
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers_from_ranges(cls, value: Any) -> Any:
+        return parse_layers(value)
+
+    @property
+    def targets(self) -> list[str]:
+        return [self.target] if isinstance(self.target, str) else list(self.target)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method can do; validation and the conformance suite read these flags.
+
+    ``module_types`` are the host module classes the method adapts (exact class or subclass).
+    ``identity_at_init``: a freshly attached adapter leaves the model's outputs unchanged.
+    ``mergeable``: the adapter can be folded into the host's weights and unfolded again.
+    ``input_is_index``: hosts such as nn.Embedding take integer ids, not activations.
+    """
+
+    site: SiteKind
+    module_types: tuple[type[nn.Module], ...]
+    mergeable: bool
+    identity_at_init: bool
+    routable: bool = False
+    commutes: bool = True
+    compose_rules: frozenset[str] = frozenset({"sum"})
+
+
+class Adapter(nn.Module):
+    """An adapter at one site. ``forward(x, out)`` returns the adapted output of the host for input ``x``.
+
+    It may update ``out`` in place (the host's output is not saved by autograd for any supported host), which is how
+    weight-site adapters avoid a full-size temporary. Mergeable adapters also implement ``merge``/``unmerge``.
+    """
+
+    merged: bool = False
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def merge(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged")
+
+    def unmerge(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be unmerged")
+
+
+class Method(ABC):
+    """A registered PEFT method. Subclass, fill the three class attributes, implement the two class methods."""
+
+    name: ClassVar[str]
+    config: ClassVar[type[MethodConfig]]
+    capabilities: ClassVar[Capabilities]
+
+    @classmethod
+    @abstractmethod
+    def parameter_count(cls, config: MethodConfig, site: Any) -> int:
+        """The number of trainable parameters ``create`` will make for this site (the method's own formula)."""
+
+    @classmethod
+    @abstractmethod
+    def create(cls, config: MethodConfig, site: Any) -> Adapter:
+        """Build the adapter for ``site`` on the host's device and dtype, initialised as the method prescribes."""

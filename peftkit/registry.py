@@ -1,0 +1,110 @@
+"""Name -> method class, filled from the ``peftkit.methods`` entry-point group and by :func:`register_method`.
+
+Built-in methods come in through the same entry-point group a third-party package uses, so nothing in the core
+imports them by name. Discovery is lazy (first lookup) so ``import peftkit`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import entry_points
+from typing import TypeVar
+
+from peftkit.errors import RegistryError
+from peftkit.method import Capabilities, Method, MethodConfig
+
+ENTRY_POINT_GROUP = "peftkit.methods"
+
+_methods: dict[str, type[Method]] = {}
+_discovered = False
+
+M = TypeVar("M", bound=type[Method])
+
+
+def _check_method_class(method: type[Method]) -> None:
+    """Refuse a class that does not fill the contract, so the error points at the plugin, not at a later forward."""
+    problems = []
+    if not isinstance(getattr(method, "name", None), str) or not method.name:
+        problems.append("a non-empty string class attribute `name`")
+    config = getattr(method, "config", None)
+    if not (isinstance(config, type) and issubclass(config, MethodConfig)):
+        problems.append("a class attribute `config` that subclasses peftkit.MethodConfig")
+    if not isinstance(getattr(method, "capabilities", None), Capabilities):
+        problems.append("a class attribute `capabilities` that is a peftkit.Capabilities")
+    if problems:
+        raise RegistryError(f"{method!r} is not a peftkit method: it needs " + "; ".join(problems))
+
+
+def _add(method: type[Method], source: str) -> None:
+    _check_method_class(method)
+    existing = _methods.get(method.name)
+    if existing is method:
+        return
+    if existing is not None:
+        raise RegistryError(
+            f"method {method.name!r} from {source} is already registered by "
+            f"{existing.__module__}.{existing.__qualname__}; choose another name"
+        )
+    _methods[method.name] = method
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            method = entry.load()
+        except Exception as error:  # a broken plugin must not hide the others; say which one and why
+            raise RegistryError(f"plugin {entry.name!r} ({entry.value}) failed to import: {error}") from error
+        if getattr(method, "name", None) != entry.name:
+            raise RegistryError(
+                f"entry point {entry.name!r} loads {entry.value}, whose name is {getattr(method, 'name', None)!r}; "
+                "the entry-point name and the method's `name` must agree"
+            )
+        _add(method, f"entry point {entry.value}")
+
+
+def register_method(method: M) -> M:
+    """Class decorator: register a method in this process (tests, notebooks, plugins not yet packaged)."""
+    _discover()
+    _add(method, f"{method.__module__}.{method.__qualname__}")
+    return method
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method registered in this process (tests use it to clean up)."""
+    _discover()
+    _methods.pop(name, None)
+
+
+@contextmanager
+def registered(method: type[Method]) -> Iterator[type[Method]]:
+    """Register ``method`` for the duration of a ``with`` block."""
+    register_method(method)
+    try:
+        yield method
+    finally:
+        unregister_method(method.name)
+
+
+def known_methods() -> list[str]:
+    _discover()
+    return sorted(_methods)
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class registered as ``name``; an unknown name lists the known ones and the closest."""
+    _discover()
+    try:
+        return _methods[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_methods), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise RegistryError(
+            f"unknown method {name!r}; known methods: {', '.join(sorted(_methods)) or '(none)'}.{hint} "
+            f"A plugin registers through the {ENTRY_POINT_GROUP!r} entry-point group or peftkit.register_method."
+        ) from None

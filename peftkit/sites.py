@@ -1,0 +1,193 @@
+"""Sites: the places on a model where an adapter can act, and what each kind of host offers to an adapter.
+
+A **weight site** is a linear-like module (nn.Linear, GPT-2's Conv1D, nn.Embedding, nn.Conv2d) seen uniformly as
+a map from ``in_features`` to ``out_features`` with a weight matrix of shape (out_features, in_features). It
+offers the pieces an adapter needs to act on that map without materialising a new weight: ``project_in`` (the
+host's own operation with ``r`` output channels, e.g. a strided convolution), ``project_out_`` (a 1x1 map back to
+``out_features``, accumulated into the host's output in place) and ``add_to_weight_`` (for merging). The per-type
+facts (Conv1D stores its weight transposed; an embedding's input is an index) live here, in one small class per
+host type, and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # GPT-2 and a few other transformers models use a transposed linear layer
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but the core does not need it
+    Conv1D = None  # type: ignore[assignment,misc]
+
+
+class WeightSite:
+    """A linear-like host module, seen as a map in_features -> out_features."""
+
+    kind = "weight"
+    input_is_index = False
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    in_features: int
+    out_features: int
+
+    def project_in(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Apply the host's operation with weight ``a`` of shape (r, in_features): features -> r channels."""
+        return F.linear(x, a)
+
+    def project_out_(self, out: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        """Return ``out + scale * (h @ b.T)`` over the feature axis, added into ``out`` in place when safe.
+
+        In place saves a full-size temporary (the host output is never saved by autograd for these hosts); the
+        scale multiplies inside the matmul, so it never costs a pass over a full-size tensor either.
+        """
+        b = b.to(h.dtype)
+        if out.dtype == h.dtype and out.is_contiguous():
+            out.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
+            return out
+        return out + torch.matmul(h, b.t()).mul_(scale).to(out.dtype)
+
+    def weight_as_matrix(self) -> torch.Tensor:
+        """The weight as (out_features, in_features), in float32 (a copy for lower precisions)."""
+        return self.weight.float()
+
+    def _delta_in_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta
+
+    def add_to_weight_(self, delta: torch.Tensor) -> None:
+        """Add an (out_features, in_features) delta computed in float32; cast once to the weight's dtype."""
+        weight = self.weight
+        delta = self._delta_in_layout(delta).reshape(weight.shape)
+        with torch.no_grad():
+            if weight.dtype in (torch.float32, torch.float64):
+                weight.add_(delta.to(weight.dtype))
+            else:
+                weight.copy_((weight.float() + delta.float()).to(weight.dtype))
+
+    def scale_rows_(self, factor: torch.Tensor) -> None:
+        """Multiply each output feature's weights (and bias) by ``factor`` (shape (out_features,))."""
+        raise NotImplementedError(f"{type(self.module).__name__} does not support row scaling")
+
+
+class LinearSite(WeightSite):
+    def __init__(self, module: nn.Linear) -> None:
+        super().__init__(module)
+        self.in_features, self.out_features = module.in_features, module.out_features
+
+
+class Conv1DSite(WeightSite):
+    """transformers' Conv1D: ``x @ W + b`` with W stored as (in_features, out_features)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        self.in_features, self.out_features = module.weight.shape
+
+    def weight_as_matrix(self) -> torch.Tensor:
+        return self.weight.float().t()
+
+    def _delta_in_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.t()
+
+
+class EmbeddingSite(WeightSite):
+    """nn.Embedding as a linear map from one-hot ids: weight (num_embeddings, dim) is the transposed matrix."""
+
+    input_is_index = True
+
+    def __init__(self, module: nn.Embedding) -> None:
+        super().__init__(module)
+        self.in_features, self.out_features = module.num_embeddings, module.embedding_dim
+
+    def project_in(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, a.t())
+
+    def weight_as_matrix(self) -> torch.Tensor:
+        return self.weight.float().t()
+
+    def _delta_in_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.t()
+
+
+class Conv2dSite(WeightSite):
+    """nn.Conv2d as a map from each (in_channels x kernel) patch to out_channels."""
+
+    def __init__(self, module: nn.Conv2d) -> None:
+        super().__init__(module)
+        kh, kw = module.kernel_size
+        self.in_features, self.out_features = module.in_channels * kh * kw, module.out_channels
+
+    def project_in(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        conv: nn.Conv2d = self.module  # type: ignore[assignment]
+        kernel = a.reshape(a.shape[0], conv.in_channels, *conv.kernel_size)
+        return F.conv2d(x, kernel, None, conv.stride, conv.padding, conv.dilation)
+
+    def project_out_(self, out: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        # "n r y x, o r -> n o y x" as a 1x1 convolution; the scale goes on the small (o, r) matrix.
+        update = F.conv2d(h, (b * scale).to(h.dtype)[:, :, None, None])
+        if out.dtype == update.dtype:
+            return out.add_(update)
+        return out + update.to(out.dtype)
+
+    def weight_as_matrix(self) -> torch.Tensor:
+        return self.weight.float().reshape(self.out_features, -1)
+
+
+def _linear_site(module: nn.Module) -> WeightSite | str:
+    return LinearSite(module)  # type: ignore[arg-type]
+
+
+def _conv2d_site(module: nn.Module) -> WeightSite | str:
+    conv: nn.Conv2d = module  # type: ignore[assignment]
+    if conv.groups != 1:
+        return f"grouped convolution (groups={conv.groups}) is not supported"
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return f"padding {conv.padding!r} with padding_mode={conv.padding_mode!r}: only numeric zero padding"
+    return Conv2dSite(conv)
+
+
+# Order matters only for subclasses: the first isinstance match wins.
+_WEIGHT_SITE_TYPES: list[tuple[type[nn.Module], Callable[[nn.Module], WeightSite | str]]] = [
+    (nn.Linear, _linear_site),
+    (nn.Embedding, lambda module: EmbeddingSite(module)),  # type: ignore[arg-type]
+    (nn.Conv2d, _conv2d_site),
+]
+if Conv1D is not None:
+    _WEIGHT_SITE_TYPES.append((Conv1D, lambda module: Conv1DSite(module)))
+
+
+def register_weight_site(
+    module_type: type[nn.Module], factory: Callable[[nn.Module], WeightSite | str]
+) -> None:
+    """Teach the core a new linear-like host type (e.g. a quantised linear from another library)."""
+    _WEIGHT_SITE_TYPES.insert(0, (module_type, factory))
+
+
+def weight_site_types() -> tuple[type[nn.Module], ...]:
+    return tuple(module_type for module_type, _ in _WEIGHT_SITE_TYPES)
+
+
+def make_site(kind: str, module: nn.Module) -> WeightSite | str:
+    """The site of ``kind`` on ``module``, or a sentence saying why the module cannot host one."""
+    if kind != "weight":
+        return f"site kind {kind!r} is not available in this version of peftkit"
+    for module_type, factory in _WEIGHT_SITE_TYPES:
+        if isinstance(module, module_type):
+            return factory(module)
+    names = ", ".join(t.__name__ for t in weight_site_types())
+    return f"{type(module).__name__} is not a linear-like module (weight sites are {names})"

@@ -1,0 +1,239 @@
+"""Selectors -> a plan: which adapter goes on which module, with how many parameters.
+
+One pattern language: a glob matched against the full dotted module path or any dotted suffix of it (so
+``q_proj`` hits ``model.layers.0.self_attn.q_proj``), or, with a ``re:`` prefix, a regex that must match the
+full path. A module's layer is the index of the transformer block it sits in: the first path component that is an
+index into an ``nn.ModuleList`` (e.g. ``transformer.h.3.attn.c_attn`` is in layer 3). Nothing is attached here,
+so ``plan`` is a dry run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+from peftkit.errors import TargetingError
+from peftkit.method import Method, MethodConfig
+from peftkit.registry import get_method
+from peftkit.sites import make_site
+
+ADAPTER_CONTAINER = "peftkit_adapters"
+
+
+def compile_pattern(pattern: str) -> Callable[[str], bool]:
+    """A predicate over module paths; raises ValueError for an empty pattern or a regex that does not compile."""
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise ValueError("a target pattern must be a non-empty string")
+    if pattern.startswith("re:"):
+        try:
+            regex = re.compile(pattern[3:])
+        except re.error as error:
+            raise ValueError(f"target {pattern!r}: invalid regex: {error}") from None
+        return lambda path: regex.fullmatch(path) is not None
+    return lambda path: fnmatchcase(path, pattern) or fnmatchcase(path, "*." + pattern)
+
+
+def base_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's own modules by path, without peftkit's adapter containers and their contents."""
+    modules = {}
+    for path, module in model.named_modules():
+        if not path or ADAPTER_CONTAINER in path.split("."):
+            continue
+        modules[path] = module
+    return modules
+
+
+def layer_indices(model: nn.Module) -> dict[str, int]:
+    """Module path -> the index of the block (the ModuleList entry) it lives in."""
+    indices: dict[str, int] = {}
+    lists = {path for path, module in model.named_modules() if isinstance(module, nn.ModuleList)}
+    for path in base_modules(model):
+        parts = path.split(".")
+        for depth in range(1, len(parts)):
+            if parts[depth].isdigit() and ".".join(parts[:depth]) in lists:
+                indices[path] = int(parts[depth])
+                break
+    return indices
+
+
+def closest_paths(pattern: str, paths: list[str], count: int = 3) -> list[str]:
+    """The module paths most like ``pattern``, judged on the whole path and on its last component."""
+    core = pattern.removeprefix("re:").strip("*.^$")
+
+    def score(path: str) -> float:
+        tail = path.rsplit(".", 1)[-1]
+        return max(
+            difflib.SequenceMatcher(None, core, path).ratio(),
+            difflib.SequenceMatcher(None, core, tail).ratio() + 0.01,
+        )
+
+    return sorted(paths, key=score, reverse=True)[:count]
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    adapter: str
+    entry: int
+    method: str
+    path: str
+    module_type: str
+    layer: int | None
+    parameters: int
+
+
+@dataclass
+class Plan:
+    """What ``attach`` would do: one row per (adapter, module), plus base modules kept trainable."""
+
+    rows: list[PlanRow] = field(default_factory=list)
+    trainable_modules: list[str] = field(default_factory=list)
+    base_parameters: int = 0
+
+    @property
+    def adapter_parameters(self) -> int:
+        return sum(row.parameters for row in self.rows)
+
+    def __str__(self) -> str:
+        headers = ("adapter", "method", "module", "type", "layer", "params")
+        body = [
+            (
+                r.adapter,
+                r.method,
+                r.path,
+                r.module_type,
+                "-" if r.layer is None else str(r.layer),
+                f"{r.parameters:,}",
+            )
+            for r in self.rows
+        ]
+        widths = [
+            max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(headers)
+        ]
+        line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+        lines = [line, "  ".join("-" * w for w in widths)]
+        lines += [
+            "  ".join(c.rjust(w) if i == 5 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            for row in body
+        ]
+        share = 100.0 * self.adapter_parameters / self.base_parameters if self.base_parameters else 0.0
+        lines.append(
+            f"{len(self.rows)} adapted module(s); {self.adapter_parameters:,} adapter parameters "
+            f"({share:.4f}% of {self.base_parameters:,} base parameters)"
+        )
+        if self.trainable_modules:
+            lines.append("trained in full and saved: " + ", ".join(self.trainable_modules))
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class PlannedSite:
+    """A plan row together with the live objects ``attach`` needs to build it."""
+
+    row: PlanRow
+    method: type[Method]
+    config: MethodConfig
+    module: nn.Module
+    site: object
+
+
+def _matching(config: MethodConfig, modules: dict[str, nn.Module]) -> list[str]:
+    predicates = [compile_pattern(p) for p in config.targets]
+    return [path for path in modules if any(match(path) for match in predicates)]
+
+
+def resolve_entry(
+    adapter: str, index: int, config: MethodConfig, modules: dict[str, nn.Module], layers: dict[str, int]
+) -> list[PlannedSite]:
+    """The sites one spec entry selects, or a TargetingError that says what was found instead."""
+    method = get_method(config.method)
+    where = f"adapters.{adapter}.{index} ({config.method})"
+    paths = _matching(config, modules)
+    if not paths:
+        suggestions = closest_paths(config.targets[0], list(modules))
+        raise TargetingError(
+            f"{where}: target {config.target!r} matched no module; closest: "
+            + ", ".join(repr(p) for p in suggestions)
+        )
+    if config.layers is not None:
+        known = sorted(set(layers.values()))
+        if not known:
+            raise TargetingError(f"{where}: layers {config.layers} given, but this model has no layer list")
+        missing = sorted(set(config.layers) - set(known))
+        if missing:
+            raise TargetingError(
+                f"{where}: layers {missing} do not exist; this model has layers {known[0]}-{known[-1]}"
+            )
+        in_layers = [p for p in paths if layers.get(p) in set(config.layers)]
+        if not in_layers:
+            raise TargetingError(
+                f"{where}: target {config.target!r} matched {paths[:3]}... but none in layers {config.layers}"
+            )
+        paths = in_layers
+    if config.module_types is not None:
+        typed = [p for p in paths if type(modules[p]).__name__ in config.module_types]
+        if not typed:
+            found = sorted({type(modules[p]).__name__ for p in paths})
+            raise TargetingError(
+                f"{where}: target {config.target!r} matched modules of types {found}, "
+                f"none of module_types {config.module_types}"
+            )
+        paths = typed
+    planned = []
+    accepted = method.capabilities.module_types
+    for path in paths:
+        module = modules[path]
+        if not isinstance(module, accepted):
+            raise TargetingError(
+                f"{where}: target {config.target!r} hits {path!r} ({type(module).__name__}), which "
+                f"{config.method!r} cannot adapt; it adapts {', '.join(t.__name__ for t in accepted)}. "
+                "Narrow the target or add module_types."
+            )
+        site = make_site(method.capabilities.site, module)
+        if isinstance(site, str):
+            raise TargetingError(f"{where}: {path!r} cannot host {config.method!r}: {site}")
+        row = PlanRow(
+            adapter,
+            index,
+            config.method,
+            path,
+            type(module).__name__,
+            layers.get(path),
+            method.parameter_count(config, site),
+        )
+        planned.append(PlannedSite(row, method, config, module, site))
+    return planned
+
+
+def resolve(model: nn.Module, spec) -> tuple[Plan, list[PlannedSite]]:  # spec: peftkit.Spec
+    """Resolve every entry of ``spec`` against ``model``; raises before anything is changed."""
+    modules = base_modules(model)
+    layers = layer_indices(model)
+    planned: list[PlannedSite] = []
+    for adapter, entries in spec.adapters.items():
+        seen: dict[str, int] = {}
+        for index, config in enumerate(entries):
+            for item in resolve_entry(adapter, index, config, modules, layers):
+                if item.row.path in seen:
+                    raise TargetingError(
+                        f"adapters.{adapter}: entries {seen[item.row.path]} and {index} both target "
+                        f"{item.row.path!r}; put the second method in another named adapter"
+                    )
+                seen[item.row.path] = index
+                planned.append(item)
+    trainable: list[str] = []
+    for pattern in spec.trainable:
+        match = compile_pattern(pattern)
+        hits = [path for path in modules if match(path)]
+        if not hits:
+            raise TargetingError(
+                f"trainable: {pattern!r} matched no module; closest: "
+                + ", ".join(repr(p) for p in closest_paths(pattern, list(modules)))
+            )
+        trainable.extend(h for h in hits if h not in trainable)
+    base = sum(p.numel() for n, p in model.named_parameters() if ADAPTER_CONTAINER not in n.split("."))
+    return Plan([p.row for p in planned], trainable, base), planned

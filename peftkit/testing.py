@@ -1,0 +1,370 @@
+"""The conformance suite: hypothesis properties that every method, built-in or third-party, is checked with.
+
+Which properties apply is read from the method's :class:`~peftkit.Capabilities` (identity at init only where it
+is declared, merge properties only for mergeable methods), never from its name. Host models, shapes, dtypes and
+selectors are generated; a method's own config fields come from a strategy its author passes in.
+
+    from hypothesis import strategies as st
+    from peftkit import testing
+
+    CONFIGS = st.fixed_dictionaries({"r": st.integers(1, 4)})
+
+    @pytest.mark.parametrize("prop", testing.properties_for("lora"))
+    def test_lora_conforms(prop):
+        testing.check(prop, "lora", configs=CONFIGS)
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import peftkit
+from peftkit.attach import get_state
+from peftkit.registry import get_method
+from peftkit.targeting import ADAPTER_CONTAINER, base_modules, layer_indices
+
+# Worst relative error (max |merged - unmerged| / max |unmerged|) accepted per dtype.
+MERGE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2}
+
+
+@dataclass
+class Case:
+    """A generated host model (rebuilt identically on demand), its input, and a spec entry targeting it."""
+
+    family: str
+    build: Callable[[], nn.Module]
+    inputs: Any
+    entry: dict[str, Any]
+    dtype: torch.dtype
+
+    def fresh(self) -> nn.Module:
+        return self.build()
+
+    def spec(self) -> dict[str, Any]:
+        return {"adapters": {"default": [self.entry]}}
+
+    def run(self, model: nn.Module) -> torch.Tensor:
+        if isinstance(self.inputs, dict):
+            output = model(**self.inputs)
+            return output.logits if hasattr(output, "logits") else output.last_hidden_state
+        return model(self.inputs)
+
+
+def _seeded(factory: Callable[[], nn.Module], seed: int, dtype: torch.dtype) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return factory().to(dtype).eval()
+
+    return build
+
+
+# Host families: each draws a small model holding some linear-like module types, and an input for it.
+def _mlp_family(draw: st.DrawFn) -> tuple[Callable[[], nn.Module], Any]:
+    sizes = draw(st.lists(st.integers(1, 24), min_size=2, max_size=4))
+    lead = draw(st.lists(st.integers(1, 3), min_size=1, max_size=2))
+    return (lambda: peftkit.zoo.TINY_MODELS["mlp"](sizes=sizes)), ("randn", (*lead, sizes[0]))
+
+
+def _conv1d_family(draw: st.DrawFn) -> tuple[Callable[[], nn.Module], Any]:
+    from transformers.pytorch_utils import Conv1D
+
+    d0, d1, d2 = (draw(st.integers(1, 24)) for _ in range(3))
+    return (lambda: nn.Sequential(Conv1D(d1, d0), nn.Tanh(), Conv1D(d2, d1))), ("randn", (2, 3, d0))
+
+
+def _embedding_family(draw: st.DrawFn) -> tuple[Callable[[], nn.Module], Any]:
+    vocab, dim, out = draw(st.integers(2, 40)), draw(st.integers(1, 24)), draw(st.integers(1, 16))
+    return (lambda: nn.Sequential(nn.Embedding(vocab, dim), nn.Linear(dim, out))), ("ids", (2, 5), vocab)
+
+
+def _conv2d_family(draw: st.DrawFn) -> tuple[Callable[[], nn.Module], Any]:
+    c0, c1, c2 = (draw(st.integers(1, 6)) for _ in range(3))
+    kernel, stride, padding = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(0, 1))
+    modules = [nn.Conv2d(c0, c1, kernel, stride, padding), nn.Tanh(), nn.Conv2d(c1, c2, 1)]
+    return (lambda: nn.Sequential(*modules)), ("randn", (2, c0, 7, 6))
+
+
+def _transformer_family(name: str) -> Callable[[st.DrawFn], tuple[Callable[[], nn.Module], Any]]:
+    def family(draw: st.DrawFn) -> tuple[Callable[[], nn.Module], Any]:
+        return (lambda: peftkit.zoo.TINY_MODELS[name]()), (
+            "ids",
+            (2, draw(st.integers(2, 8))),
+            128,
+        )  # one token: q has no effect
+
+    return family
+
+
+FAMILIES: dict[str, Callable[[st.DrawFn], tuple[Callable[[], nn.Module], Any]]] = {
+    "mlp": _mlp_family,
+    "conv1d": _conv1d_family,
+    "embedding": _embedding_family,
+    "conv2d": _conv2d_family,
+    "gpt2": _transformer_family("gpt2-tiny"),
+    "llama": _transformer_family("llama-tiny"),
+    "bert": _transformer_family("bert-tiny"),
+}
+
+
+def _make_input(recipe: tuple, seed: int, dtype: torch.dtype) -> Any:
+    generator = torch.Generator().manual_seed(seed)
+    if recipe[0] == "randn":
+        return torch.randn(recipe[1], generator=generator).to(dtype)
+    ids = torch.randint(0, recipe[2], recipe[1], generator=generator)
+    return ids if recipe[2] != 128 else {"input_ids": ids}
+
+
+def _tied_paths(model: nn.Module) -> set[str]:
+    """Modules whose weight is shared with another module (e.g. a tied LM head): merging into them is ambiguous."""
+    owners: dict[int, list[str]] = {}
+    for path, module in base_modules(model).items():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            owners.setdefault(id(weight), []).append(path)
+    return {path for paths in owners.values() if len(paths) > 1 for path in paths}
+
+
+@st.composite
+def cases(draw: st.DrawFn, method: str, configs: st.SearchStrategy[dict[str, Any]]) -> Case:
+    """A host model with at least one module the method adapts, and a generated selector for some of them."""
+    accepted = get_method(method).capabilities.module_types
+    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.float64, torch.bfloat16]))
+    seed = draw(st.integers(0, 2**16))
+    for _ in range(len(FAMILIES)):
+        family = draw(st.sampled_from(sorted(FAMILIES)))
+        factory, recipe = FAMILIES[family](draw)
+        build = _seeded(factory, seed, dtype)
+        model = build()
+        modules = base_modules(model)
+        tied = _tied_paths(model)
+        hosts = [p for p, m in modules.items() if isinstance(m, accepted) and p not in tied]
+        if hosts:
+            break
+    else:
+        raise AssertionError(f"no generated host family holds a module that {method!r} adapts ({accepted})")
+    chosen = draw(st.lists(st.sampled_from(hosts), min_size=1, max_size=len(hosts), unique=True))
+    layers = layer_indices(model)
+    style = draw(st.sampled_from(["regex", "suffix", "types", "layers"]))
+    entry: dict[str, Any] = {"method": method}
+    if style == "suffix":  # a suffix glob, kept only if every path it hits is a host
+        tail = chosen[0].rsplit(".", 1)[-1]
+        hits = [p for p in modules if p == tail or p.endswith("." + tail)]
+        style = "suffix" if hits and all(p in hosts for p in hits) else "regex"
+        entry["target"] = tail
+    if style == "types":
+        kind = type(modules[chosen[0]]).__name__
+        if all(p in hosts for p, m in modules.items() if type(m).__name__ == kind):
+            entry.update(target="*", module_types=[kind])
+        else:
+            style = "regex"
+    if style == "layers" and chosen[0] in layers:
+        layer = layers[chosen[0]]
+        pattern = re.sub(rf"\.{layer}\.", ".*.", chosen[0], count=1)
+        same = [p for p in hosts if re.fullmatch(re.escape(pattern).replace(r"\*", ".*"), p)]
+        entry.update(target=pattern, layers=f"{layer}-{layer}" if same else [layer])
+    elif style in {"layers", "regex"}:
+        entry["target"] = ["re:" + re.escape(p) for p in chosen]
+    entry.update(draw(configs))
+    return Case(family, build, _make_input(recipe, seed + 1, dtype), entry, dtype)
+
+
+def randomise_adapters(model: nn.Module, seed: int = 0) -> None:
+    """Move every adapter parameter away from its initialisation, so that merge and save are not checked on a no-op."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ADAPTER_CONTAINER in name.split("."):
+                noise = torch.randn(parameter.shape, generator=generator).mul_(0.3)
+                parameter.add_(noise.to(parameter.dtype))
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+def _attached(case: Case) -> tuple[nn.Module, torch.Tensor]:
+    model = case.fresh()
+    base = case.run(model)
+    peftkit.attach(model, case.spec())
+    return model, base
+
+
+# -- the properties --------------------------------------------------------------------------------------------
+def identity_at_init(case: Case) -> None:
+    model = case.fresh()
+    base = case.run(model)
+    peftkit.attach(model, case.spec())
+    assert torch.equal(case.run(model), base), "a freshly attached adapter changed the output"
+
+
+def merge_equivalence(case: Case) -> None:
+    model, _ = _attached(case)
+    randomise_adapters(model)
+    unmerged = case.run(model)
+    peftkit.merge(model)
+    merged = case.run(model)
+    error = _relative_error(merged, unmerged)
+    assert error <= MERGE_TOLERANCE[case.dtype], (
+        f"merged output differs from unmerged by {error:.3g} (relative)"
+    )
+
+
+def unmerge_restores_weights(case: Case) -> None:
+    model, _ = _attached(case)
+    randomise_adapters(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    peftkit.merge(model)
+    merged = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(not torch.equal(before[k], v) for k, v in merged.items()), "merge changed no weight"
+    peftkit.unmerge(model)
+    for key, value in model.state_dict().items():
+        if not value.is_floating_point():
+            continue
+        # Rounding scales with the largest magnitude the weight took, merged or not.
+        scale = torch.maximum(before[key].double().abs().max(), merged[key].double().abs().max()).clamp_min(
+            1e-12
+        )
+        error = ((value.double() - before[key].double()).abs().max() / scale).item()
+        assert error <= MERGE_TOLERANCE[case.dtype], f"{key} differs after merge+unmerge by {error:.3g}"
+
+
+def save_load_roundtrip(case: Case) -> None:
+    model, base = _attached(case)
+    randomise_adapters(model)
+    expected = case.run(model)
+    assert not torch.equal(expected, base), "randomised adapters did not change the output"
+    with tempfile.TemporaryDirectory() as directory:
+        peftkit.save(model, directory)
+        fresh = case.fresh()
+        peftkit.load(fresh, directory)
+    assert torch.equal(case.run(fresh), expected), (
+        "a loaded checkpoint does not reproduce the saved model's output"
+    )
+
+
+def gradient_isolation(case: Case) -> None:
+    model, _ = _attached(case)
+    randomise_adapters(model)
+    model.train()
+    case.run(model).float().pow(2).mean().backward()
+    for name, parameter in model.named_parameters():
+        is_adapter = ADAPTER_CONTAINER in name.split(".")
+        assert parameter.requires_grad == is_adapter, f"{name}: requires_grad={parameter.requires_grad}"
+        if not is_adapter:
+            assert parameter.grad is None, f"base parameter {name} received a gradient"
+    grads = [p.grad for n, p in model.named_parameters() if ADAPTER_CONTAINER in n.split(".")]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads), "no adapter parameter received a gradient"
+
+
+def detach_restores(case: Case) -> None:
+    model = case.fresh()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    hooks = {n: len(m._forward_hooks) for n, m in model.named_modules()}
+    base = case.run(model)
+    peftkit.attach(model, case.spec())
+    randomise_adapters(model)
+    peftkit.detach(model)
+    after = model.state_dict()
+    assert list(after) == list(before), "detach left state-dict keys behind or lost some"
+    assert all(torch.equal(before[k], v) for k, v in after.items()), "detach changed a base value"
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags, "requires_grad flags differ"
+    assert {n: len(m._forward_hooks) for n, m in model.named_modules()} == hooks, "hooks left behind"
+    assert get_state(model) is None and torch.equal(case.run(model), base)
+
+
+def parameter_count_matches_formula(case: Case) -> None:
+    model = case.fresh()
+    planned = peftkit.plan(model, case.spec())
+    peftkit.attach(model, case.spec())
+    built = sum(p.numel() for n, p in model.named_parameters() if ADAPTER_CONTAINER in n.split("."))
+    assert built == planned.adapter_parameters, (
+        f"built {built} parameters, the formula says {planned.adapter_parameters}"
+    )
+    assert peftkit.trainable_parameters(model).trainable == built
+
+
+def failed_attach_leaves_model_unchanged(case: Case) -> None:
+    model = case.fresh()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    broken = {"adapters": {"default": [case.entry, {**case.entry, "target": "no_such_module_anywhere"}]}}
+    try:
+        peftkit.attach(model, broken)
+    except peftkit.TargetingError:
+        pass
+    else:
+        raise AssertionError("a spec with a selector that matches nothing was attached")
+    assert get_state(model) is None and list(model.state_dict()) == list(before)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+PROPERTIES: dict[str, Callable[[Case], None]] = {
+    "identity_at_init": identity_at_init,
+    "merge_equivalence": merge_equivalence,
+    "unmerge_restores_weights": unmerge_restores_weights,
+    "save_load_roundtrip": save_load_roundtrip,
+    "gradient_isolation": gradient_isolation,
+    "detach_restores": detach_restores,
+    "parameter_count_matches_formula": parameter_count_matches_formula,
+    "failed_attach_leaves_model_unchanged": failed_attach_leaves_model_unchanged,
+}
+
+_NEEDS = {
+    "identity_at_init": lambda c: c.identity_at_init,
+    "merge_equivalence": lambda c: c.mergeable,
+    "unmerge_restores_weights": lambda c: c.mergeable,
+}
+
+
+def properties_for(method: str) -> list[str]:
+    """The names of the properties that apply to ``method``, by its declared capabilities."""
+    capabilities = get_method(method).capabilities
+    return [name for name in PROPERTIES if _NEEDS.get(name, lambda c: True)(capabilities)]
+
+
+def check(
+    prop: str,
+    method: str,
+    configs: st.SearchStrategy[dict[str, Any]] | None = None,
+    *,
+    max_examples: int | None = None,
+) -> None:
+    """Check one property of ``method`` over generated cases; raises (with a minimal failing case) on failure.
+
+    The example count follows the active hypothesis profile unless ``max_examples`` is given.
+    """
+    if prop not in PROPERTIES:
+        raise KeyError(f"unknown property {prop!r}; properties: {', '.join(PROPERTIES)}")
+    if prop not in properties_for(method):
+        raise ValueError(f"{prop!r} does not apply to {method!r} by its declared capabilities")
+    extra = {} if max_examples is None else {"max_examples": max_examples}
+
+    @settings(
+        deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], **extra
+    )
+    @given(case=cases(method, configs if configs is not None else st.just({})))
+    def run(case: Case) -> None:
+        with torch.random.fork_rng():  # adapter initialisation draws from the global generator
+            torch.manual_seed(0)
+            PROPERTIES[prop](copy.copy(case))
+
+    run()
+
+
+def check_method(
+    method: str, configs: st.SearchStrategy[dict[str, Any]] | None = None, **kwargs: Any
+) -> None:
+    """Every applicable property of ``method``, one after another."""
+    for prop in properties_for(method):
+        check(prop, method, configs, **kwargs)

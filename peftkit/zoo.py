@@ -1,0 +1,144 @@
+"""Tiny models built from configs, for tests, the conformance suite and the CLI's dry runs.
+
+Nothing here downloads weights: every model is built from a config with random weights, or on the meta device
+when only its structure matters (``peftkit plan`` on a 7B-shaped model costs no memory).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftkit.errors import PeftkitError
+
+
+def _gpt2(**overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    fields = dict(
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        vocab_size=128,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(GPT2Config(**{**fields, **overrides}))
+
+
+def _llama(**overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(LlamaConfig(**{**fields, **overrides}))
+
+
+def _bert(**overrides):
+    from transformers import BertConfig, BertModel
+
+    fields = dict(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        vocab_size=128,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertModel(BertConfig(**{**fields, **overrides}))
+
+
+def _roberta(**overrides):
+    from transformers import RobertaConfig, RobertaModel
+
+    fields = dict(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        vocab_size=128,
+        max_position_embeddings=70,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=1,
+    )
+    return RobertaModel(RobertaConfig(**{**fields, **overrides}))
+
+
+def _mlp(**overrides):
+    sizes = overrides.get("sizes", (16, 32, 8))
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.Tanh()]
+    return nn.Sequential(*layers[:-1])
+
+
+def _llama_7b_shape(**overrides):
+    """Llama-2-7B's shape (hidden 4096, 32 layers, intermediate 11008), for meta-device dry runs and benchmarks."""
+    fields = dict(
+        num_hidden_layers=32,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    )
+    return _llama(**{**fields, **overrides})
+
+
+TINY_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "gpt2-tiny": _gpt2,
+    "llama-tiny": _llama,
+    "bert-tiny": _bert,
+    "roberta-tiny": _roberta,
+    "mlp": _mlp,
+    "llama-7b-shape": _llama_7b_shape,
+}
+
+
+def build_model(name_or_path: str, *, meta: bool = False) -> nn.Module:
+    """A model by zoo name, or from a folder/file holding a transformers ``config.json`` (random weights)."""
+
+    def construct() -> nn.Module:
+        if name_or_path in TINY_MODELS:
+            return TINY_MODELS[name_or_path]()
+        path = Path(name_or_path)
+        config_file = path / "config.json" if path.is_dir() else path
+        if not config_file.is_file():
+            raise PeftkitError(
+                f"model {name_or_path!r} is neither a zoo name ({', '.join(TINY_MODELS)}) nor a folder or file "
+                "holding a transformers config.json"
+            )
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+        config = AutoConfig.for_model(**json.loads(config_file.read_text()))
+        try:
+            return AutoModelForCausalLM.from_config(config)
+        except ValueError:
+            return AutoModel.from_config(config)
+
+    if meta:
+        with torch.device("meta"):
+            return construct()
+    return construct()
