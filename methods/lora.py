@@ -27,9 +27,7 @@ from peftkit.sites import WeightSite, weight_site_types
 class LoRAConfig(MethodConfig):
     method: Literal["lora"] = "lora"
     r: int = Field(default=8, gt=0, description="rank of the update")
-    alpha: float = Field(
-        default=16.0, gt=0, description="the update is scaled by alpha / r (alpha / sqrt(r))"
-    )
+    alpha: float = Field(default=16.0, gt=0, description="the update is scaled by alpha / r (alpha / sqrt(r))")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout on the input of the LoRA path")
     rslora: bool = Field(default=False, description="scale by alpha / sqrt(r) (rank-stabilised LoRA)")
     init: Literal["kaiming", "gaussian"] = Field(default="kaiming", description="initialisation of A; B is 0")

@@ -59,4 +59,5 @@ __all__ = [
     "trainable_parameters",
     "unmerge",
     "unregister_method",
+    "zoo",
 ]

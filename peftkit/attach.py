@@ -131,9 +131,7 @@ def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path) -> nn.
                 item.module.add_module(ADAPTER_CONTAINER, container)
                 state.hooks[item.row.path] = item.module.register_forward_hook(_make_hook(state))
             container[item.row.adapter] = adapter
-            state.attached.append(
-                AttachedAdapter(item.row.adapter, item.row.path, item.method, item.config, adapter)
-            )
+            state.attached.append(AttachedAdapter(item.row.adapter, item.row.path, item.method, item.config, adapter))
         state.active.update(spec.adapters)
         _set_training_state(model, state)
     except BaseException:

@@ -68,12 +68,8 @@ def save(model: nn.Module, directory: str | Path) -> Path:
         if tensor.is_meta:
             raise CheckpointError(f"{name} is on the meta device; materialise the model before saving")
         tensors[name] = tensor.detach().to("cpu").contiguous().clone()
-    _atomic_write(
-        directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "peftkit"})
-    )
-    _atomic_write(
-        directory / SPEC_FILE, lambda tmp: Path(tmp).write_text(state.spec.to_json(), encoding="utf-8")
-    )
+    _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "peftkit"}))
+    _atomic_write(directory / SPEC_FILE, lambda tmp: Path(tmp).write_text(state.spec.to_json(), encoding="utf-8"))
     return directory
 
 
@@ -127,9 +123,7 @@ def load(model: nn.Module, directory: str | Path) -> nn.Module:
         if unexpected:
             problems.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
         for key, found, wanted in wrong[:5]:
-            problems.append(
-                f"shape mismatch for {key}: checkpoint has {list(found)}, model needs {list(wanted)}"
-            )
+            problems.append(f"shape mismatch for {key}: checkpoint has {list(found)}, model needs {list(wanted)}")
         if problems:
             raise CheckpointError(
                 f"checkpoint {str(directory)!r} does not fit this model: "

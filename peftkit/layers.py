@@ -25,9 +25,7 @@ def parse_layers(value: Any) -> Any:
                 raise ValueError(f"layers {value!r}: {part!r} is not an index or a range such as '0-3'")
             start, stop = int(match.group(1)), int(match.group(2) or match.group(1))
             if stop < start:
-                raise ValueError(
-                    f"layers {value!r}: range {part.strip()!r} runs backwards; write '{stop}-{start}'"
-                )
+                raise ValueError(f"layers {value!r}: range {part.strip()!r} runs backwards; write '{stop}-{start}'")
             indices.update(range(start, stop + 1))
         return sorted(indices)
     if isinstance(value, list):

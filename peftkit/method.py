@@ -29,9 +29,7 @@ class MethodConfig(BaseModel):
 
     method: str
     target: str | list[str] = Field(description="module-path glob(s); a 're:' prefix makes a regex")
-    layers: list[int] | None = Field(
-        default=None, description="layer indices; a string such as '0-3,8' works too"
-    )
+    layers: list[int] | None = Field(default=None, description="layer indices; a string such as '0-3,8' works too")
     module_types: list[str] | None = Field(
         default=None, description="keep only matched modules whose class name is listed (e.g. ['Linear'])"
     )

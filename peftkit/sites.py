@@ -63,9 +63,13 @@ class WeightSite:
             return out
         return out + torch.matmul(h, b.t()).mul_(scale).to(out.dtype)
 
+    def _wide_weight(self) -> torch.Tensor:
+        """The weight in float32, or float64 for a float64 model (a copy only for lower precisions)."""
+        return self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
+
     def weight_as_matrix(self) -> torch.Tensor:
-        """The weight as (out_features, in_features), in float32 (a copy for lower precisions)."""
-        return self.weight.float()
+        """The weight as (out_features, in_features), in float32 or wider."""
+        return self._wide_weight()
 
     def _delta_in_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta
@@ -99,7 +103,7 @@ class Conv1DSite(WeightSite):
         self.in_features, self.out_features = module.weight.shape
 
     def weight_as_matrix(self) -> torch.Tensor:
-        return self.weight.float().t()
+        return self._wide_weight().t()
 
     def _delta_in_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.t()
@@ -118,7 +122,7 @@ class EmbeddingSite(WeightSite):
         return F.embedding(x, a.t())
 
     def weight_as_matrix(self) -> torch.Tensor:
-        return self.weight.float().t()
+        return self._wide_weight().t()
 
     def _delta_in_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.t()
@@ -145,7 +149,7 @@ class Conv2dSite(WeightSite):
         return out + update.to(out.dtype)
 
     def weight_as_matrix(self) -> torch.Tensor:
-        return self.weight.float().reshape(self.out_features, -1)
+        return self._wide_weight().reshape(self.out_features, -1)
 
 
 def _linear_site(module: nn.Module) -> WeightSite | str:
@@ -171,9 +175,7 @@ if Conv1D is not None:
     _WEIGHT_SITE_TYPES.append((Conv1D, lambda module: Conv1DSite(module)))
 
 
-def register_weight_site(
-    module_type: type[nn.Module], factory: Callable[[nn.Module], WeightSite | str]
-) -> None:
+def register_weight_site(module_type: type[nn.Module], factory: Callable[[nn.Module], WeightSite | str]) -> None:
     """Teach the core a new linear-like host type (e.g. a quantised linear from another library)."""
     _WEIGHT_SITE_TYPES.insert(0, (module_type, factory))
 

@@ -48,9 +48,7 @@ def _typed_entry(entry: Any, path: str) -> MethodConfig:
     if isinstance(entry, MethodConfig):
         return entry
     if not isinstance(entry, Mapping):
-        raise ValueError(
-            f"{path}: an entry must be a mapping with a 'method' key, got {type(entry).__name__}"
-        )
+        raise ValueError(f"{path}: an entry must be a mapping with a 'method' key, got {type(entry).__name__}")
     method_name = entry.get("method")
     if not isinstance(method_name, str):
         raise ValueError(f"{path}.method: required, a registered method name (got {method_name!r})")
@@ -61,9 +59,7 @@ def _typed_entry(entry: Any, path: str) -> MethodConfig:
     try:
         return config.model_validate(dict(entry))
     except ValidationError as error:
-        raise ValueError(
-            _format_validation_error(error, path).removeprefix("invalid spec:\n").strip()
-        ) from None
+        raise ValueError(_format_validation_error(error, path).removeprefix("invalid spec:\n").strip()) from None
 
 
 class Spec(BaseModel):
@@ -172,9 +168,7 @@ class Spec(BaseModel):
         """This spec plus another's adapters (names must differ) and trainable globs."""
         clash = sorted(set(self.adapters) & set(other.adapters))
         if clash:
-            raise SpecError(
-                f"adapter name(s) {clash} already attached; detach them first or pick other names"
-            )
+            raise SpecError(f"adapter name(s) {clash} already attached; detach them first or pick other names")
         return Spec(
             adapters={**self.adapters, **other.adapters},
             trainable=list(dict.fromkeys([*self.trainable, *other.trainable])),

@@ -111,14 +111,11 @@ class Plan:
             )
             for r in self.rows
         ]
-        widths = [
-            max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(headers)
-        ]
+        widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(headers)]
         line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
         lines = [line, "  ".join("-" * w for w in widths)]
         lines += [
-            "  ".join(c.rjust(w) if i == 5 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-            for row in body
+            "  ".join(c.rjust(w) if i == 5 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in body
         ]
         share = 100.0 * self.adapter_parameters / self.base_parameters if self.base_parameters else 0.0
         lines.append(
@@ -156,8 +153,7 @@ def resolve_entry(
     if not paths:
         suggestions = closest_paths(config.targets[0], list(modules))
         raise TargetingError(
-            f"{where}: target {config.target!r} matched no module; closest: "
-            + ", ".join(repr(p) for p in suggestions)
+            f"{where}: target {config.target!r} matched no module; closest: " + ", ".join(repr(p) for p in suggestions)
         )
     if config.layers is not None:
         known = sorted(set(layers.values()))

@@ -215,9 +215,7 @@ def merge_equivalence(case: Case) -> None:
     peftkit.merge(model)
     merged = case.run(model)
     error = _relative_error(merged, unmerged)
-    assert error <= MERGE_TOLERANCE[case.dtype], (
-        f"merged output differs from unmerged by {error:.3g} (relative)"
-    )
+    assert error <= MERGE_TOLERANCE[case.dtype], f"merged output differs from unmerged by {error:.3g} (relative)"
 
 
 def unmerge_restores_weights(case: Case) -> None:
@@ -232,9 +230,7 @@ def unmerge_restores_weights(case: Case) -> None:
         if not value.is_floating_point():
             continue
         # Rounding scales with the largest magnitude the weight took, merged or not.
-        scale = torch.maximum(before[key].double().abs().max(), merged[key].double().abs().max()).clamp_min(
-            1e-12
-        )
+        scale = torch.maximum(before[key].double().abs().max(), merged[key].double().abs().max()).clamp_min(1e-12)
         error = ((value.double() - before[key].double()).abs().max() / scale).item()
         assert error <= MERGE_TOLERANCE[case.dtype], f"{key} differs after merge+unmerge by {error:.3g}"
 
@@ -248,9 +244,7 @@ def save_load_roundtrip(case: Case) -> None:
         peftkit.save(model, directory)
         fresh = case.fresh()
         peftkit.load(fresh, directory)
-    assert torch.equal(case.run(fresh), expected), (
-        "a loaded checkpoint does not reproduce the saved model's output"
-    )
+    assert torch.equal(case.run(fresh), expected), "a loaded checkpoint does not reproduce the saved model's output"
 
 
 def gradient_isolation(case: Case) -> None:
@@ -350,9 +344,7 @@ def check(
         raise ValueError(f"{prop!r} does not apply to {method!r} by its declared capabilities")
     extra = {} if max_examples is None else {"max_examples": max_examples}
 
-    @settings(
-        deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], **extra
-    )
+    @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], **extra)
     @given(case=cases(method, configs if configs is not None else st.just({})))
     def run(case: Case) -> None:
         with torch.random.fork_rng():  # adapter initialisation draws from the global generator
@@ -362,9 +354,7 @@ def check(
     run()
 
 
-def check_method(
-    method: str, configs: st.SearchStrategy[dict[str, Any]] | None = None, **kwargs: Any
-) -> None:
+def check_method(method: str, configs: st.SearchStrategy[dict[str, Any]] | None = None, **kwargs: Any) -> None:
     """Every applicable property of ``method``, one after another."""
     for prop in properties_for(method):
         check(prop, method, configs, **kwargs)

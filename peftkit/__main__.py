@@ -1,0 +1,3 @@
+from peftkit.cli import main
+
+raise SystemExit(main())

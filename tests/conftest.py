@@ -1,0 +1,24 @@
+"""Hypothesis profiles: ``ci`` (small, for the 2-core CI box), ``dev`` (default), ``thorough`` (nightly/by hand).
+
+Choose with HYPOTHESIS_PROFILE=ci|dev|thorough.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+_common = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
+settings.register_profile("ci", max_examples=12, derandomize=True, print_blob=True, **_common)
+settings.register_profile("dev", max_examples=30, **_common)
+settings.register_profile("thorough", max_examples=300, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+# docs/examples holds the third-party method that the docs show; the tests import it from there so it cannot rot.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "docs" / "examples"))

