@@ -135,15 +135,16 @@ class Spec(BaseModel):
     def from_file(cls, path: str | Path) -> Spec:
         """Load a ``.yaml``/``.yml`` or ``.json`` file."""
         path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in {".yaml", ".yml", ".json"}:
+            raise SpecError(f"spec file {str(path)!r}: unknown extension; use .yaml, .yml or .json")
         try:
             text = path.read_text(encoding="utf-8")
-        except OSError as error:
-            raise SpecError(f"cannot read spec file {str(path)!r}: {error.strerror or error}") from None
-        if path.suffix.lower() in {".yaml", ".yml"}:
-            return cls.from_yaml(text)
-        if path.suffix.lower() == ".json":
-            return cls.from_json(text)
-        raise SpecError(f"spec file {str(path)!r}: unknown extension; use .yaml, .yml or .json")
+        except (OSError, UnicodeDecodeError) as error:
+            raise SpecError(
+                f"cannot read spec file {str(path)!r}: {getattr(error, 'strerror', None) or error}"
+            ) from None
+        return cls.from_json(text) if suffix == ".json" else cls.from_yaml(text)
 
     @classmethod
     def coerce(cls, spec: Spec | Mapping[str, Any] | str | Path) -> Spec:

@@ -40,8 +40,9 @@ def test_outside_method_conforms(scale_method, prop: str) -> None:
 def test_properties_follow_capabilities() -> None:
     class NotMergeable(Scale):
         name = "scale-unmergeable"
-        capabilities = peftkit.Capabilities(site="weight", module_types=Scale.capabilities.module_types,
-                                            mergeable=False, identity_at_init=False)
+        capabilities = peftkit.Capabilities(
+            site="weight", module_types=Scale.capabilities.module_types, mergeable=False, identity_at_init=False
+        )
 
     with peftkit.registered(NotMergeable):
         props = testing.properties_for("scale-unmergeable")
