@@ -20,7 +20,9 @@ from torch.utils.hooks import RemovableHandle
 
 from peftkit.errors import AttachError
 from peftkit.method import Adapter, Method, MethodConfig
+from peftkit.placements import family_of
 from peftkit.spec import Spec
+from peftkit.sublayer_sites import first_input
 from peftkit.targeting import ADAPTER_CONTAINER, Plan, base_modules, compile_pattern, resolve
 
 STATE_ATTRIBUTE = "_peftkit_state"
@@ -33,6 +35,7 @@ class AttachedAdapter:
     method: type[Method]
     config: MethodConfig
     module: Adapter
+    site_hooks: list[RemovableHandle] = field(default_factory=list)
 
 
 @dataclass
@@ -68,14 +71,31 @@ def require_state(model: nn.Module) -> ModelState:
 
 
 def _make_hook(state: ModelState):
-    def run_adapters(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        for name, adapter in getattr(module, ADAPTER_CONTAINER).items():
-            if name in state.active and not adapter.merged:
-                out = adapter(x, out)
-        return out
+    def run_adapters(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+        running = [a for n, a in getattr(module, ADAPTER_CONTAINER).items() if n in state.active and not a.merged]
+        if not running:
+            return None
+        x = first_input(args, kwargs)
+        hidden = out if isinstance(out, torch.Tensor) else out[0]  # sub-layers may return (hidden, weights, ...)
+        for adapter in running:
+            hidden = adapter(x, hidden)
+        if isinstance(out, torch.Tensor):
+            return hidden
+        return (hidden, *out[1:]) if isinstance(out, tuple) else type(out)([hidden, *out[1:]])
 
     return run_adapters
+
+
+def _make_input_hook(state: ModelState, name: str, adapter: Adapter):
+    def transform(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if name not in state.active or adapter.merged:
+            return None
+        if args:
+            return (adapter.transform_input(args[0]), *args[1:]), kwargs
+        key = "hidden_states" if "hidden_states" in kwargs else next(k for k, v in kwargs.items() if torch.is_tensor(v))
+        return args, {**kwargs, key: adapter.transform_input(kwargs[key])}
+
+    return transform
 
 
 def plan(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path) -> Plan:
@@ -101,7 +121,7 @@ def _set_training_state(model: nn.Module, state: ModelState) -> None:
 def plan_trainable_paths(model: nn.Module, spec: Spec) -> list[str]:
     paths = []
     for pattern in spec.trainable:
-        match = compile_pattern(pattern)
+        match = compile_pattern(pattern, family_of(model))
         paths.extend(p for p in base_modules(model) if match(p) and p not in paths)
     return paths
 
@@ -129,9 +149,15 @@ def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path) -> nn.
             if container is None:
                 container = nn.ModuleDict()
                 item.module.add_module(ADAPTER_CONTAINER, container)
-                state.hooks[item.row.path] = item.module.register_forward_hook(_make_hook(state))
+                state.hooks[item.row.path] = item.module.register_forward_hook(_make_hook(state), with_kwargs=True)
             container[item.row.adapter] = adapter
-            state.attached.append(AttachedAdapter(item.row.adapter, item.row.path, item.method, item.config, adapter))
+            extra = item.site.install() if hasattr(item.site, "install") else []
+            if adapter.transforms_input:
+                hook = _make_input_hook(state, item.row.adapter, adapter)
+                extra.append(item.module.register_forward_pre_hook(hook, with_kwargs=True))
+            state.attached.append(
+                AttachedAdapter(item.row.adapter, item.row.path, item.method, item.config, adapter, extra)
+            )
         state.active.update(spec.adapters)
         _set_training_state(model, state)
     except BaseException:
@@ -153,6 +179,8 @@ def _remove(model: nn.Module, state: ModelState, removing: list[AttachedAdapter]
         host = modules[attached.path]
         container = getattr(host, ADAPTER_CONTAINER)
         del container[attached.adapter_name]
+        for handle in attached.site_hooks:
+            handle.remove()
         if len(container) == 0:
             delattr(host, ADAPTER_CONTAINER)
             state.hooks.pop(attached.path).remove()

@@ -83,9 +83,14 @@ class Adapter(nn.Module):
     """
 
     merged: bool = False
+    transforms_input: bool = False  # True: ``transform_input`` runs on the host's input before the host does
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The host's input as the adapted model sees it (only called when ``transforms_input`` is True)."""
+        return x
 
     def merge(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged")

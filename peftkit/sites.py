@@ -12,6 +12,7 @@ host type, and nowhere else.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +49,14 @@ class WeightSite:
     out_features: int
 
     def project_in(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """Apply the host's operation with weight ``a`` of shape (r, in_features): features -> r channels."""
-        return F.linear(x, a)
+        """Apply the host's operation with weight ``a`` of shape (r, in_features): features -> r channels.
+
+        Computed as ``(a @ x.T).T``, a transposed view of an (r, tokens) product: CPU BLAS runs a product whose
+        output is r (~8) columns wide 1.5-2x slower than the same product laid out r rows tall, and this one runs in
+        every forward (measured with one thread, benchmarks/lora_overhead.py; docs/performance.md).
+        """
+        tokens = x.reshape(-1, x.shape[-1])  # "... d_in -> (...) d_in"
+        return torch.mm(a, tokens.t()).t().reshape(*x.shape[:-1], a.shape[0])  # "(...) r -> ... r", a view
 
     def project_out_(self, out: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
         """Return ``out + scale * (h @ b.T)`` over the feature axis, added into ``out`` in place when safe.
@@ -59,9 +66,14 @@ class WeightSite:
         """
         b = b.to(h.dtype)
         if out.dtype == h.dtype and out.is_contiguous():
-            out.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
+            # When B trains, B^T is copied to a contiguous (r, out_features) matrix (r * out_features values):
+            # autograd lays out B's gradient like this input, so it is computed as h^T @ grad, r rows tall, not as
+            # (grad^T @ h)^T, r columns wide, which CPU BLAS runs 2-5x slower (LoRA training step -6 %). Without
+            # autograd the copy buys nothing, so inference uses the view.
+            b_t = b.t().contiguous() if b.requires_grad and torch.is_grad_enabled() else b.t()
+            out.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), b_t, alpha=scale)
             return out
-        return out + torch.matmul(h, b.t()).mul_(scale).to(out.dtype)
+        return out + torch.matmul(h, (b * scale).t()).to(out.dtype)  # the scale on the small (o, r) matrix
 
     def _wide_weight(self) -> torch.Tensor:
         """The weight in float32, or float64 for a float64 model (a copy only for lower precisions)."""
@@ -184,10 +196,15 @@ def weight_site_types() -> tuple[type[nn.Module], ...]:
     return tuple(module_type for module_type, _ in _WEIGHT_SITE_TYPES)
 
 
-def make_site(kind: str, module: nn.Module) -> WeightSite | str:
-    """The site of ``kind`` on ``module``, or a sentence saying why the module cannot host one."""
+def make_site(kind: str, module: nn.Module, context: Any = None) -> Any:
+    """The site of ``kind`` on ``module``, or a sentence saying why the module cannot host one.
+
+    ``context`` (a ``sublayer_sites.SiteContext``) says where the module sits, for sites that need to know.
+    """
     if kind != "weight":
-        return f"site kind {kind!r} is not available in this version of peftkit"
+        from peftkit.sublayer_sites import make_sublayer_site
+
+        return make_sublayer_site(kind, module, context)
     for module_type, factory in _WEIGHT_SITE_TYPES:
         if isinstance(module, module_type):
             return factory(module)

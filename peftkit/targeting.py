@@ -19,16 +19,29 @@ from torch import nn
 
 from peftkit.errors import TargetingError
 from peftkit.method import Method, MethodConfig
+from peftkit.placements import PLACEMENT_NAMES, expand, family_of
 from peftkit.registry import get_method
 from peftkit.sites import make_site
+from peftkit.sublayer_sites import SiteContext
 
 ADAPTER_CONTAINER = "peftkit_adapters"
 
 
-def compile_pattern(pattern: str) -> Callable[[str], bool]:
-    """A predicate over module paths; raises ValueError for an empty pattern or a regex that does not compile."""
+def compile_pattern(pattern: str, family: str | None = None) -> Callable[[str], bool]:
+    """A predicate over module paths; raises ValueError for an empty pattern or a regex that does not compile.
+
+    ``@name`` stands for a place named in ``placements`` (``@attention_output``...), expanded for ``family``.
+    """
     if not isinstance(pattern, str) or not pattern.strip():
         raise ValueError("a target pattern must be a non-empty string")
+    if pattern.startswith("@"):
+        if pattern[1:] not in PLACEMENT_NAMES:
+            raise ValueError(
+                f"target {pattern!r}: unknown place; places: {', '.join('@' + n for n in PLACEMENT_NAMES)}"
+            )
+        if family is None:
+            return lambda path: False
+        pattern = expand(pattern, family)
     if pattern.startswith("re:"):
         try:
             regex = re.compile(pattern[3:])
@@ -138,20 +151,25 @@ class PlannedSite:
     site: object
 
 
-def _matching(config: MethodConfig, modules: dict[str, nn.Module]) -> list[str]:
-    predicates = [compile_pattern(p) for p in config.targets]
+def _matching(config: MethodConfig, modules: dict[str, nn.Module], family: str | None) -> list[str]:
+    predicates = [compile_pattern(p, family) for p in config.targets]
     return [path for path in modules if any(match(path) for match in predicates)]
 
 
 def resolve_entry(
-    adapter: str, index: int, config: MethodConfig, modules: dict[str, nn.Module], layers: dict[str, int]
+    adapter: str,
+    index: int,
+    config: MethodConfig,
+    modules: dict[str, nn.Module],
+    layers: dict[str, int],
+    family: str | None = None,
 ) -> list[PlannedSite]:
     """The sites one spec entry selects, or a TargetingError that says what was found instead."""
     method = get_method(config.method)
     where = f"adapters.{adapter}.{index} ({config.method})"
-    paths = _matching(config, modules)
+    paths = _matching(config, modules, family)
     if not paths:
-        suggestions = closest_paths(config.targets[0], list(modules))
+        suggestions = closest_paths(expand(config.targets[0], family), list(modules))
         raise TargetingError(
             f"{where}: target {config.target!r} matched no module; closest: " + ", ".join(repr(p) for p in suggestions)
         )
@@ -189,9 +207,11 @@ def resolve_entry(
                 f"{config.method!r} cannot adapt; it adapts {', '.join(t.__name__ for t in accepted)}. "
                 "Narrow the target or add module_types."
             )
-        site = make_site(method.capabilities.site, module)
+        context = SiteContext(path, modules, family)
+        site = make_site(method.capabilities.site, module, context)
         if isinstance(site, str):
             raise TargetingError(f"{where}: {path!r} cannot host {config.method!r}: {site}")
+        site.context = context  # where the host sits, for methods whose behaviour depends on the place
         row = PlanRow(
             adapter,
             index,
@@ -209,11 +229,12 @@ def resolve(model: nn.Module, spec) -> tuple[Plan, list[PlannedSite]]:  # spec: 
     """Resolve every entry of ``spec`` against ``model``; raises before anything is changed."""
     modules = base_modules(model)
     layers = layer_indices(model)
+    family = family_of(model)
     planned: list[PlannedSite] = []
     for adapter, entries in spec.adapters.items():
         seen: dict[str, int] = {}
         for index, config in enumerate(entries):
-            for item in resolve_entry(adapter, index, config, modules, layers):
+            for item in resolve_entry(adapter, index, config, modules, layers, family):
                 if item.row.path in seen:
                     raise TargetingError(
                         f"adapters.{adapter}: entries {seen[item.row.path]} and {index} both target "
@@ -223,7 +244,7 @@ def resolve(model: nn.Module, spec) -> tuple[Plan, list[PlannedSite]]:  # spec: 
                 planned.append(item)
     trainable: list[str] = []
     for pattern in spec.trainable:
-        match = compile_pattern(pattern)
+        match = compile_pattern(pattern, family)
         hits = [path for path in modules if match(path)]
         if not hits:
             raise TargetingError(

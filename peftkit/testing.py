@@ -30,8 +30,11 @@ from torch import nn
 
 import peftkit
 from peftkit.attach import get_state
+from peftkit.placements import PLACEMENT_NAMES, PLACEMENTS, expand, family_of
 from peftkit.registry import get_method
-from peftkit.targeting import ADAPTER_CONTAINER, base_modules, layer_indices
+from peftkit.sites import Conv1D, make_site
+from peftkit.sublayer_sites import SiteContext
+from peftkit.targeting import ADAPTER_CONTAINER, base_modules, compile_pattern, layer_indices
 
 # Worst relative error (max |merged - unmerged| / max |unmerged|) accepted per dtype.
 MERGE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2}
@@ -135,6 +138,27 @@ def _tied_paths(model: nn.Module) -> set[str]:
     return {path for paths in owners.values() if len(paths) > 1 for path in paths}
 
 
+def _hosts(model: nn.Module, modules: dict[str, nn.Module], capabilities: peftkit.Capabilities) -> list[str]:
+    """Paths a method with these capabilities can be put on: weight sites anywhere they build; other kinds on a
+    projection or a place named in the family table (a sub-layer whose input and output are the hidden stream)."""
+    family, tied = family_of(model), _tied_paths(model)
+    places = (
+        [compile_pattern(expand(f"@{name}", family), family) for name in PLACEMENT_NAMES]
+        if family in PLACEMENTS
+        else []
+    )
+    projections = (nn.Linear, Conv1D)
+    hosts = []
+    for path, module in modules.items():
+        if not isinstance(module, capabilities.module_types) or path in tied:
+            continue
+        if capabilities.site != "weight" and not (isinstance(module, projections) or any(m(path) for m in places)):
+            continue
+        if not isinstance(make_site(capabilities.site, module, SiteContext(path, modules, family)), str):
+            hosts.append(path)
+    return hosts
+
+
 @st.composite
 def cases(draw: st.DrawFn, method: str, configs: st.SearchStrategy[dict[str, Any]]) -> Case:
     """A host model with at least one module the method adapts, and a generated selector for some of them."""
@@ -147,8 +171,7 @@ def cases(draw: st.DrawFn, method: str, configs: st.SearchStrategy[dict[str, Any
         build = _seeded(factory, seed, dtype)
         model = build()
         modules = base_modules(model)
-        tied = _tied_paths(model)
-        hosts = [p for p, m in modules.items() if isinstance(m, accepted) and p not in tied]
+        hosts = _hosts(model, modules, get_method(method).capabilities)
         if hosts:
             break
     else:

@@ -11,19 +11,42 @@ from scale_method import Scale
 import peftkit
 from peftkit import testing
 
-LORA_CONFIGS = st.fixed_dictionaries(
-    {
-        "r": st.integers(1, 6),
-        "alpha": st.floats(0.5, 32.0),
-        "rslora": st.booleans(),
-        "init": st.sampled_from(["kaiming", "gaussian"]),
-    }
+_BOTTLENECK = st.fixed_dictionaries(
+    {},
+    optional={
+        "bottleneck": st.integers(1, 8),
+        "activation": st.sampled_from(["relu", "gelu", "tanh", "silu"]),
+        "layer_norm": st.booleans(),
+        "scaling": st.floats(0.1, 4.0),
+    },
 )
+BUILTIN_CONFIGS = {
+    "lora": st.fixed_dictionaries(
+        {
+            "r": st.integers(1, 6),
+            "alpha": st.floats(0.5, 32.0),
+            "rslora": st.booleans(),
+            "init": st.sampled_from(["kaiming", "gaussian"]),
+        }
+    ),
+    "houlsby": _BOTTLENECK,
+    "pfeiffer": _BOTTLENECK,
+    "parallel": _BOTTLENECK,
+    "ia3": st.fixed_dictionaries({}, optional={"feedforward": st.sampled_from([["@ffn_output"], ["*"], []])}),
+}
 
 
-@pytest.mark.parametrize("prop", testing.properties_for("lora"))
-def test_lora_conforms(prop: str) -> None:
-    testing.check(prop, "lora", configs=LORA_CONFIGS)
+def test_every_builtin_method_has_a_config_strategy() -> None:
+    assert set(BUILTIN_CONFIGS) == {
+        m for m in peftkit.known_methods() if peftkit.get_method(m).__module__.startswith("peftkit_methods")
+    }
+
+
+@pytest.mark.parametrize(
+    ("method", "prop"), [(m, p) for m in sorted(BUILTIN_CONFIGS) for p in testing.properties_for(m)]
+)
+def test_builtin_methods_conform(method: str, prop: str) -> None:
+    testing.check(prop, method, configs=BUILTIN_CONFIGS[method])
 
 
 @pytest.fixture

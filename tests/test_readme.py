@@ -16,7 +16,7 @@ def test_quickstart_runs_as_written(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
-    model, fresh, ids = namespace["model"], namespace["fresh"], namespace["ids"]
+    model, fresh = namespace["model"], namespace["fresh"]
     assert (tmp_path / "ckpt" / "adapter.safetensors").is_file()
     assert not hasattr(model, "_peftkit_state") and hasattr(fresh, "_peftkit_state")
 

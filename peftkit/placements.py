@@ -1,0 +1,94 @@
+"""Per-family facts: where the attention and feed-forward sub-layers of a transformer are.
+
+Methods name places, not module paths: ``@attention_output`` is "the attention output projection" in every family.
+A spec target of the form ``@name`` expands, for the model at hand, to a pattern in peftkit's pattern language.
+These facts live in this one table (keyed by transformers' ``config.model_type``) instead of in branches through
+the core; a model whose family is not listed can always be targeted with explicit module paths.
+
+Names:
+    query, key, value     the attention input projections (GPT-2 fuses all three in ``attn.c_attn``)
+    attention             the attention sub-layer, whose output is added to the residual stream
+    attention_output      the attention output projection
+    ffn                   the feed-forward sub-layer, whose output is added to the residual stream
+    ffn_output            the feed-forward output projection (whose input is the intermediate activation)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+
+PLACEMENT_NAMES = ("query", "key", "value", "attention", "attention_output", "ffn", "ffn_output")
+
+_LLAMA_LIKE = {
+    "query": "self_attn.q_proj",
+    "key": "self_attn.k_proj",
+    "value": "self_attn.v_proj",
+    "attention": "self_attn",
+    "attention_output": "self_attn.o_proj",
+    "ffn": "mlp",
+    "ffn_output": "mlp.down_proj",
+}
+_BERT_LIKE = {
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    # BERT adds the residual inside BertSelfOutput/BertOutput (dense -> dropout -> LayerNorm(x + residual)), so a
+    # sub-layer's output before the residual is its dense projection; its input is read at the sub-layer's entry.
+    "attention": "attention.output.dense",
+    "attention_output": "attention.output.dense",
+    "ffn": r"re:.*\.layer\.\d+\.output\.dense",
+    "ffn_output": r"re:.*\.layer\.\d+\.output\.dense",
+}
+
+PLACEMENTS: dict[str, dict[str, str]] = {
+    "gpt2": {
+        "query": "attn.c_attn",
+        "key": "attn.c_attn",
+        "value": "attn.c_attn",
+        "attention": "attn",
+        "attention_output": "attn.c_proj",
+        "ffn": "mlp",
+        "ffn_output": "mlp.c_proj",
+    },
+    **{family: _LLAMA_LIKE for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "smollm3")},
+    **{family: _BERT_LIKE for family in ("bert", "roberta", "xlm-roberta", "camembert", "electra")},
+}
+
+# Where a sub-layer's input is read when its output is taken from a module deeper inside it, as
+# (suffix of the host path, suffix of the module whose input is the sub-layer's input), longest suffix first.
+SUBLAYER_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
+    family: (("attention.output.dense", "attention.self"), ("output.dense", "intermediate"))
+    for family in ("bert", "roberta", "xlm-roberta", "camembert", "electra")
+}
+
+
+def family_of(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def expand(pattern: str, family: str | None) -> str:
+    """The module pattern a ``@name`` placement stands for in ``family``; other patterns pass through."""
+    if not pattern.startswith("@"):
+        return pattern
+    name = pattern[1:]
+    table: Mapping[str, str] | None = PLACEMENTS.get(family or "")
+    if table is None:
+        from peftkit.errors import TargetingError
+
+        known = ", ".join(sorted(PLACEMENTS))
+        raise TargetingError(
+            f"target {pattern!r}: peftkit does not know where the {name} of a {family or 'non-transformers'!r} model "
+            f"is (known families: {known}); give explicit module paths as the target instead"
+        )
+    return table[name]
+
+
+def sublayer_input_path(path: str, family: str | None) -> str:
+    """The path of the module whose input is the sub-layer input for a host at ``path`` (often the host itself)."""
+    for host_suffix, source_suffix in SUBLAYER_INPUTS.get(family or "", ()):
+        if path == host_suffix or path.endswith("." + host_suffix):
+            return path[: len(path) - len(host_suffix)] + source_suffix
+    return path
