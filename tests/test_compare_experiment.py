@@ -78,6 +78,16 @@ def test_command_line_overrides_replace_the_file_values():
     assert cli.resolve_experiment(parse("--seeds", "4,9")).budget.seeds == [4, 9]
 
 
+def test_set_overrides_any_field_by_dotted_path_and_rejects_unknown_ones():
+    experiment = cli.resolve_experiment(parse("--set", "budget.latency_repeats=3", "--set", "arms.1.lr=2e-3"))
+    assert experiment.budget.latency_repeats == 3
+    assert experiment.arms[1].lr == 2e-3
+    with pytest.raises(ExperimentError, match="stepz"):
+        cli.resolve_experiment(parse("--set", "budget.stepz=3"))
+    with pytest.raises(ExperimentError, match="not a field"):
+        cli.resolve_experiment(parse("--set", "arms.7.lr=1"))
+
+
 def test_task_option_picks_the_shipped_experiment_for_that_task():
     assert cli.resolve_experiment(parse("--task", "reuters-r8")).task.name == "reuters-r8"
 

