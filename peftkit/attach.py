@@ -35,7 +35,8 @@ class AttachedAdapter:
     method: type[Method]
     config: MethodConfig
     module: Adapter
-    site_hooks: list[RemovableHandle] = field(default_factory=list)
+    entry: int = 0
+    site_hooks: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -148,6 +149,7 @@ def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path) -> nn.
             container = getattr(item.module, ADAPTER_CONTAINER, None)
             if container is None:
                 container = nn.ModuleDict()
+                container.__dict__["_peftkit_state"] = state  # for hooks that find adapters through their host
                 item.module.add_module(ADAPTER_CONTAINER, container)
                 state.hooks[item.row.path] = item.module.register_forward_hook(_make_hook(state), with_kwargs=True)
             container[item.row.adapter] = adapter
@@ -156,7 +158,9 @@ def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path) -> nn.
                 hook = _make_input_hook(state, item.row.adapter, adapter)
                 extra.append(item.module.register_forward_pre_hook(hook, with_kwargs=True))
             state.attached.append(
-                AttachedAdapter(item.row.adapter, item.row.path, item.method, item.config, adapter, extra)
+                AttachedAdapter(
+                    item.row.adapter, item.row.path, item.method, item.config, adapter, item.row.entry, extra
+                )
             )
         state.active.update(spec.adapters)
         _set_training_state(model, state)
@@ -245,6 +249,26 @@ def unmerge(model: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
         if attached.module.merged:
             attached.module.unmerge()
             attached.module.merged = False
+    return model
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """Collapse training-time reparametrisations (e.g. a prefix produced by an MLP) into the plain parameters they
+    produce, for inference and saving; the spec is updated to match, so a saved checkpoint loads as folded."""
+    state = require_state(model)
+    adapters = dict(state.spec.adapters)
+    for attached in state.attached:
+        folding = getattr(attached.module, "fold", None)
+        changes = folding() if folding is not None else {}
+        if changes:
+            attached.config = attached.config.model_copy(update=changes)
+            entries = list(adapters[attached.adapter_name])
+            entries[attached.entry] = attached.config
+            adapters[attached.adapter_name] = entries
+    state.spec = Spec(adapters=adapters, trainable=state.spec.trainable)
+    for attached in state.attached:
+        for parameter in attached.module.parameters():
+            parameter.requires_grad_(True)
     return model
 
 

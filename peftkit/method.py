@@ -85,8 +85,9 @@ class Adapter(nn.Module):
     merged: bool = False
     transforms_input: bool = False  # True: ``transform_input`` runs on the host's input before the host does
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Weight, output and parallel sites call this; an attention-site adapter acts in ``attend`` instead."""
+        return out
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         """The host's input as the adapted model sees it (only called when ``transforms_input`` is True)."""
@@ -105,6 +106,12 @@ class Method(ABC):
     name: ClassVar[str]
     config: ClassVar[type[MethodConfig]]
     capabilities: ClassVar[Capabilities]
+
+    @classmethod
+    def capabilities_for(cls, config: MethodConfig) -> Capabilities:
+        """The capabilities of one configuration; by default the method's. Override when a field changes them
+        (a gated prefix is an identity at init, a plain one is not)."""
+        return cls.capabilities
 
     @classmethod
     @abstractmethod

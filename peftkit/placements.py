@@ -7,6 +7,7 @@ the core; a model whose family is not listed can always be targeted with explici
 
 Names:
     query, key, value     the attention input projections (GPT-2 fuses all three in ``attn.c_attn``)
+    self_attention        the module that computes attention (where prefix keys and values go)
     attention             the attention sub-layer, whose output is added to the residual stream
     attention_output      the attention output projection
     ffn                   the feed-forward sub-layer, whose output is added to the residual stream
@@ -19,12 +20,13 @@ from collections.abc import Mapping
 
 from torch import nn
 
-PLACEMENT_NAMES = ("query", "key", "value", "attention", "attention_output", "ffn", "ffn_output")
+PLACEMENT_NAMES = ("query", "key", "value", "self_attention", "attention", "attention_output", "ffn", "ffn_output")
 
 _LLAMA_LIKE = {
     "query": "self_attn.q_proj",
     "key": "self_attn.k_proj",
     "value": "self_attn.v_proj",
+    "self_attention": "self_attn",
     "attention": "self_attn",
     "attention_output": "self_attn.o_proj",
     "ffn": "mlp",
@@ -34,6 +36,7 @@ _BERT_LIKE = {
     "query": "attention.self.query",
     "key": "attention.self.key",
     "value": "attention.self.value",
+    "self_attention": "attention.self",
     # BERT adds the residual inside BertSelfOutput/BertOutput (dense -> dropout -> LayerNorm(x + residual)), so a
     # sub-layer's output before the residual is its dense projection; its input is read at the sub-layer's entry.
     "attention": "attention.output.dense",
@@ -47,6 +50,7 @@ PLACEMENTS: dict[str, dict[str, str]] = {
         "query": "attn.c_attn",
         "key": "attn.c_attn",
         "value": "attn.c_attn",
+        "self_attention": "attn",
         "attention": "attn",
         "attention_output": "attn.c_proj",
         "ffn": "mlp",

@@ -201,6 +201,10 @@ def make_site(kind: str, module: nn.Module, context: Any = None) -> Any:
 
     ``context`` (a ``sublayer_sites.SiteContext``) says where the module sits, for sites that need to know.
     """
+    if kind == "attention":
+        from peftkit.attention_sites import make_attention_site
+
+        return make_attention_site(module)
     if kind != "weight":
         from peftkit.sublayer_sites import make_sublayer_site
 

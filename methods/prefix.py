@@ -1,0 +1,129 @@
+"""Prefix tuning (Li & Liang, 2021, arXiv:2101.00190), optionally gated as in LLaMA-Adapter (Zhang et al., 2023).
+
+Each chosen attention layer gets ``length`` learned key and value vectors per key/value head, prepended to the
+keys and values every query attends to:
+
+    attention(Q, [P_k; K], [P_v; V])
+
+They are added after the KV cache update and the rotary embedding (see ``peftkit.attention_sites``), so they are
+not cached, carry no position, and real tokens keep theirs. Li & Liang train the prefix through a
+reparametrisation, ``P = MLP(E)`` with a smaller embedding E (sec. 4.3); ``reparametrize: true`` does that and
+``peftkit.fold`` replaces the MLP by the plain prefixes it produces, for inference and saving.
+
+Plain prefix tuning changes the output from the first step, so it declares ``identity_at_init = False``. With
+``gate: true`` the prefix is attended to separately and added through a per-head gate ``tanh(g)``, g = 0 at init
+(LLaMA-Adapter's zero-init attention, eq. 7-8), which makes the adapter an identity at init.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from peftkit import Adapter, Capabilities, Method, MethodConfig
+from peftkit.attention_sites import AttentionSite, is_causal, widen_mask
+
+
+class PrefixConfig(MethodConfig):
+    method: Literal["prefix"] = "prefix"
+    target: str | list[str] = Field(default_factory=lambda: ["@self_attention"])
+    length: int = Field(default=10, gt=0, description="prefix positions per layer")
+    reparametrize: bool = Field(default=False, description="train P = MLP(E) (Li & Liang sec. 4.3); fold it later")
+    encoder_hidden: int = Field(default=128, gt=0, description="hidden width of the reparametrisation MLP")
+    gate: bool = Field(default=False, description="zero-initialised per-head gate: identity at init")
+    init_std: float = Field(default=0.02, gt=0.0, description="std of the random initial prefixes")
+
+
+class PrefixAdapter(Adapter):
+    def __init__(self, config: PrefixConfig, site: AttentionSite) -> None:
+        super().__init__()
+        self.length = config.length
+        self.shape = (site.num_kv_heads, config.length, site.head_dim)  # "h p d", keys and values alike
+        factory = {"device": site.device, "dtype": site.dtype}
+        self.prefix_keys = self.prefix_values = None
+        self.prefix_embedding = self.encoder = None
+        if config.reparametrize:
+            self.prefix_embedding = nn.Parameter(
+                torch.randn(config.length, site.hidden_size, **factory) * config.init_std
+            )
+            self.encoder = nn.Sequential(
+                nn.Linear(site.hidden_size, config.encoder_hidden, **factory),
+                nn.Tanh(),
+                nn.Linear(config.encoder_hidden, 2 * site.num_kv_heads * site.head_dim, **factory),
+            )
+        else:
+            self.prefix_keys = nn.Parameter(torch.randn(self.shape, **factory) * config.init_std)
+            self.prefix_values = nn.Parameter(torch.randn(self.shape, **factory) * config.init_std)
+        self.gate = nn.Parameter(torch.zeros(site.num_heads, **factory)) if config.gate else None
+        self.num_heads = site.num_heads
+
+    def prefixes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values, each (kv_heads, length, head_dim)."""
+        if self.encoder is None:
+            return self.prefix_keys, self.prefix_values
+        heads, length, dim = self.shape
+        both = self.encoder(self.prefix_embedding)  # "p hidden -> p (2 h d)"
+        keys, values = both.view(length, 2, heads, dim).permute(1, 2, 0, 3)  # "p two h d -> two h p d"
+        return keys, values
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: Any,
+        *,
+        module: nn.Module,
+        inner,
+        **kwargs,
+    ) -> tuple[torch.Tensor, Any]:
+        batch = query.shape[0]
+        keys, values = (t.to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1) for t in self.prefixes())
+        if self.gate is None:
+            mask = widen_mask(mask, self.length, query, key, is_causal(module, kwargs))
+            kwargs["is_causal"] = False  # the widened mask carries the causal pattern now
+            return inner(query, torch.cat([keys, key], dim=2), torch.cat([values, value], dim=2), mask, **kwargs)
+        out, weights = inner(query, key, value, mask, **kwargs)  # "b s h d"
+        groups = self.num_heads // keys.shape[1]
+        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+        prefix_out = F.scaled_dot_product_attention(query, keys, values, scale=kwargs.get("scaling"))  # "b h s d"
+        gate = torch.tanh(self.gate).to(out.dtype)[None, None, :, None]
+        return out + gate * prefix_out.transpose(1, 2), weights
+
+    def fold(self) -> dict[str, Any]:
+        """Replace the reparametrisation by the plain prefixes it produces; returns the config fields that changed."""
+        if self.encoder is None:
+            return {}
+        with torch.no_grad():
+            keys, values = (t.detach().clone().contiguous() for t in self.prefixes())
+        self.prefix_keys, self.prefix_values = nn.Parameter(keys), nn.Parameter(values)
+        self.prefix_embedding = self.encoder = None
+        return {"reparametrize": False}
+
+
+class Prefix(Method):
+    name = "prefix"
+    config = PrefixConfig
+    capabilities = Capabilities(site="attention", module_types=(nn.Module,), mergeable=False, identity_at_init=True)
+
+    @classmethod
+    def capabilities_for(cls, config: PrefixConfig) -> Capabilities:
+        return dataclasses.replace(cls.capabilities, identity_at_init=config.gate)
+
+    @classmethod
+    def parameter_count(cls, config: PrefixConfig, site: AttentionSite) -> int:
+        gate = site.num_heads if config.gate else 0
+        prefix = 2 * site.num_kv_heads * site.head_dim
+        if not config.reparametrize:
+            return config.length * prefix + gate
+        hidden, width = site.hidden_size, config.encoder_hidden
+        return config.length * hidden + hidden * width + width + width * prefix + prefix + gate
+
+    @classmethod
+    def create(cls, config: PrefixConfig, site: AttentionSite) -> PrefixAdapter:
+        return PrefixAdapter(config, site)
