@@ -153,7 +153,7 @@ def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path) -> nn.
                 item.module.add_module(ADAPTER_CONTAINER, container)
                 state.hooks[item.row.path] = item.module.register_forward_hook(_make_hook(state), with_kwargs=True)
             container[item.row.adapter] = adapter
-            extra = item.site.install() if hasattr(item.site, "install") else []
+            extra = item.site.install(adapter) if hasattr(item.site, "install") else []
             if adapter.transforms_input:
                 hook = _make_input_hook(state, item.row.adapter, adapter)
                 extra.append(item.module.register_forward_pre_hook(hook, with_kwargs=True))

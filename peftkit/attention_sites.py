@@ -136,7 +136,7 @@ class AttentionSite:
         parameter = next(module.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
 
-    def install(self) -> list[_ImplementationSwitch]:
+    def install(self, adapter: object = None) -> list[_ImplementationSwitch]:
         return [_ImplementationSwitch(self.config)]
 
 

@@ -6,6 +6,7 @@ These facts live in this one table (keyed by transformers' ``config.model_type``
 the core; a model whose family is not listed can always be targeted with explicit module paths.
 
 Names:
+    input_embeddings      the token embedding (where virtual tokens go)
     query, key, value     the attention input projections (GPT-2 fuses all three in ``attn.c_attn``)
     self_attention        the module that computes attention (where prefix keys and values go)
     attention             the attention sub-layer, whose output is added to the residual stream
@@ -20,9 +21,20 @@ from collections.abc import Mapping
 
 from torch import nn
 
-PLACEMENT_NAMES = ("query", "key", "value", "self_attention", "attention", "attention_output", "ffn", "ffn_output")
+PLACEMENT_NAMES = (
+    "input_embeddings",
+    "query",
+    "key",
+    "value",
+    "self_attention",
+    "attention",
+    "attention_output",
+    "ffn",
+    "ffn_output",
+)
 
 _LLAMA_LIKE = {
+    "input_embeddings": "embed_tokens",
     "query": "self_attn.q_proj",
     "key": "self_attn.k_proj",
     "value": "self_attn.v_proj",
@@ -33,6 +45,7 @@ _LLAMA_LIKE = {
     "ffn_output": "mlp.down_proj",
 }
 _BERT_LIKE = {
+    "input_embeddings": "word_embeddings",
     "query": "attention.self.query",
     "key": "attention.self.key",
     "value": "attention.self.value",
@@ -47,6 +60,7 @@ _BERT_LIKE = {
 
 PLACEMENTS: dict[str, dict[str, str]] = {
     "gpt2": {
+        "input_embeddings": "wte",
         "query": "attn.c_attn",
         "key": "attn.c_attn",
         "value": "attn.c_attn",

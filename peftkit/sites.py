@@ -205,6 +205,10 @@ def make_site(kind: str, module: nn.Module, context: Any = None) -> Any:
         from peftkit.attention_sites import make_attention_site
 
         return make_attention_site(module)
+    if kind == "input":
+        from peftkit.input_sites import make_input_site
+
+        return make_input_site(module, getattr(context, "root", None))
     if kind != "weight":
         from peftkit.sublayer_sites import make_sublayer_site
 

@@ -27,6 +27,7 @@ class SiteContext:
     path: str
     modules: Mapping[str, nn.Module]
     family: str | None
+    root: nn.Module | None = None
 
 
 def _projection_types() -> tuple[type[nn.Module], ...]:
@@ -73,7 +74,7 @@ class SublayerSite:
         parameter = next(module.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
 
-    def install(self) -> list[RemovableHandle]:
+    def install(self, adapter: object = None) -> list[RemovableHandle]:
         """Extra hooks this site needs; a sub-layer read at another module's entry records that module's input."""
         if self.source is None:
             return []

@@ -163,6 +163,7 @@ def resolve_entry(
     modules: dict[str, nn.Module],
     layers: dict[str, int],
     family: str | None = None,
+    root: nn.Module | None = None,
 ) -> list[PlannedSite]:
     """The sites one spec entry selects, or a TargetingError that says what was found instead."""
     method = get_method(config.method)
@@ -207,7 +208,7 @@ def resolve_entry(
                 f"{config.method!r} cannot adapt; it adapts {', '.join(t.__name__ for t in accepted)}. "
                 "Narrow the target or add module_types."
             )
-        context = SiteContext(path, modules, family)
+        context = SiteContext(path, modules, family, root)
         site = make_site(method.capabilities.site, module, context)
         if isinstance(site, str):
             raise TargetingError(f"{where}: {path!r} cannot host {config.method!r}: {site}")
@@ -234,7 +235,7 @@ def resolve(model: nn.Module, spec) -> tuple[Plan, list[PlannedSite]]:  # spec: 
     for adapter, entries in spec.adapters.items():
         seen: dict[str, int] = {}
         for index, config in enumerate(entries):
-            for item in resolve_entry(adapter, index, config, modules, layers, family):
+            for item in resolve_entry(adapter, index, config, modules, layers, family, model):
                 if item.row.path in seen:
                     raise TargetingError(
                         f"adapters.{adapter}: entries {seen[item.row.path]} and {index} both target "

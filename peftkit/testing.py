@@ -154,7 +154,7 @@ def _hosts(model: nn.Module, modules: dict[str, nn.Module], capabilities: peftki
             continue
         if capabilities.site != "weight" and not (isinstance(module, projections) or any(m(path) for m in places)):
             continue
-        if not isinstance(make_site(capabilities.site, module, SiteContext(path, modules, family)), str):
+        if not isinstance(make_site(capabilities.site, module, SiteContext(path, modules, family, model)), str):
             hosts.append(path)
     return hosts
 

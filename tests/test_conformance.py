@@ -33,6 +33,14 @@ BUILTIN_CONFIGS = {
     "pfeiffer": _BOTTLENECK,
     "parallel": _BOTTLENECK,
     "ia3": st.fixed_dictionaries({}, optional={"feedforward": st.sampled_from([["@ffn_output"], ["*"], []])}),
+    "prompt": st.fixed_dictionaries({"length": st.integers(1, 4)}),
+    "ptuning": st.fixed_dictionaries(
+        {
+            "length": st.integers(1, 4),
+            "encoder": st.sampled_from(["mlp", "lstm", "none"]),
+            "encoder_hidden": st.integers(1, 6),
+        }
+    ),
     "prefix": st.fixed_dictionaries(
         {"length": st.integers(1, 4), "gate": st.booleans()},
         optional={"reparametrize": st.booleans(), "encoder_hidden": st.integers(1, 8)},
