@@ -7,7 +7,7 @@ is what the targets are about:
 - inference forward latency, unmerged LoRA / base and merged LoRA / base, at (batch 1, seq 128) and (batch 8, seq
   128); target <= 1.06 for unmerged;
 - training step time (AdamW: forward, backward, step), LoRA / full fine-tuning; target <= 0.80;
-- training peak memory, LoRA / full fine-tuning; target <= 0.70. Peak RSS is measured in a fresh subprocess per
+- training peak memory, LoRA / full fine-tuning; target <= 0.70. Peak RSS is measured in a forked process per
   variant (the kernel's high-water mark is reset after the model is built, via /proc/self/clear_refs), and the exact
   bytes of parameters + gradients + AdamW state are counted beside it.
 
@@ -470,9 +470,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=7, help="inference rounds")
     parser.add_argument("--train-repeats", type=int, default=5, help="training rounds (0 skips training time)")
-    parser.add_argument("--memory-steps", type=int, default=2, help="training steps in each memory subprocess")
-    parser.add_argument("--memory-jobs", type=int, default=2, help="memory subprocesses run at once")
-    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory subprocesses")
+    parser.add_argument("--memory-steps", type=int, default=2, help="training steps in each memory process")
+    parser.add_argument("--memory-jobs", type=int, default=2, help="memory processes run at once")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 gives stable numbers)")
     parser.add_argument(
         "--quick", action="store_true", help="CI smoke run: tiny shapes, 2 rounds; seconds, not minutes"

@@ -78,9 +78,44 @@ class LoRA(Method):
         module_types=weight_site_types(),
         mergeable=True,
         identity_at_init=True,
-        routable=False,
+        routable=True,
         commutes=True,
     )
+
+    @classmethod
+    def route(
+        cls, adapters: list[LoRAAdapter | None], index: torch.Tensor, x: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Each example with its own adapter in two batched matmuls: the adapters' A and (scaled) B are stacked,
+        zero-padded to the largest rank, and gathered per example; rows routed to no adapter gather zeros.
+        Returns None (the core then runs each adapter on its rows) where the host is not a feature-last map."""
+        present = [a for a in adapters if a is not None]
+        site = present[0].site
+        if site.input_is_index or type(site).project_in is not WeightSite.project_in:
+            return None
+        if len({a.dropout for a in present}) > 1:
+            return None
+        rank = max(a.rank for a in present)
+        d_in, d_out = site.in_features, site.out_features
+        like = {"device": x.device, "dtype": x.dtype}
+        a_stack = torch.stack(  # "n r i"
+            [
+                F.pad(a.lora_a.to(x.dtype), (0, 0, 0, rank - a.rank)) if a else torch.zeros(rank, d_in, **like)
+                for a in adapters
+            ]
+        )
+        b_stack = torch.stack(  # "n o r", the scaling folded into the small factor
+            [
+                F.pad(a.lora_b.to(x.dtype) * a.scaling, (0, rank - a.rank)) if a else torch.zeros(d_out, rank, **like)
+                for a in adapters
+            ]
+        )
+        rows = x.reshape(x.shape[0], -1, d_in)  # "b ... i -> b s i"
+        if present[0].dropout and present[0].training:
+            rows = F.dropout(rows, present[0].dropout, training=True)
+        h = torch.bmm(rows, a_stack[index].transpose(1, 2))  # "b s i, b i r -> b s r"
+        update = torch.bmm(h, b_stack[index].transpose(1, 2))  # "b s r, b r o -> b s o"
+        return out + update.reshape(out.shape).to(out.dtype)
 
     @classmethod
     def parameter_count(cls, config: LoRAConfig, site: WeightSite) -> int:

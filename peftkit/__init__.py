@@ -5,6 +5,7 @@ merges, saves and loads them without knowing which method it drives.
 """
 
 from peftkit import zoo
+from peftkit.activation import activate, active_adapters, disabled, route, set_trainable
 from peftkit.attach import (
     TrainableParameters,
     attach,
@@ -46,8 +47,11 @@ __all__ = [
     "SpecError",
     "TargetingError",
     "TrainableParameters",
+    "activate",
+    "active_adapters",
     "attach",
     "detach",
+    "disabled",
     "fold",
     "get_method",
     "known_methods",
@@ -57,7 +61,9 @@ __all__ = [
     "read_spec",
     "register_method",
     "registered",
+    "route",
     "save",
+    "set_trainable",
     "trainable_parameters",
     "unmerge",
     "unregister_method",

@@ -9,6 +9,7 @@ rolls back what was installed, so a failed attach leaves the model as it was.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ class ModelState:
     hooks: dict[str, RemovableHandle] = field(default_factory=dict)
     original_requires_grad: dict[str, bool] = field(default_factory=dict)
     active: set[str] = field(default_factory=set)
+    routing: Any = None  # an activation.Routing while `peftkit.route` is in effect
 
     def adapters(self, names: Iterable[str] | None = None) -> list[AttachedAdapter]:
         if names is None:
@@ -73,13 +75,19 @@ def require_state(model: nn.Module) -> ModelState:
 
 def _make_hook(state: ModelState):
     def run_adapters(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-        running = [a for n, a in getattr(module, ADAPTER_CONTAINER).items() if n in state.active and not a.merged]
-        if not running:
+        container = getattr(module, ADAPTER_CONTAINER)
+        running = [a for n, a in container.items() if n in state.active and not a.merged]
+        if not running and state.routing is None:
             return None
         x = first_input(args, kwargs)
         hidden = out if isinstance(out, torch.Tensor) else out[0]  # sub-layers may return (hidden, weights, ...)
-        for adapter in running:
-            hidden = adapter(x, hidden)
+        if state.routing is not None:
+            from peftkit.activation import routed_output
+
+            hidden = routed_output(container, state.routing, x, hidden)
+        else:
+            for adapter in running:
+                hidden = adapter(x, hidden)
         if isinstance(out, torch.Tensor):
             return hidden
         return (hidden, *out[1:]) if isinstance(out, tuple) else type(out)([hidden, *out[1:]])
@@ -89,12 +97,18 @@ def _make_hook(state: ModelState):
 
 def _make_input_hook(state: ModelState, name: str, adapter: Adapter):
     def transform(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if name not in state.active or adapter.merged:
+        if (name not in state.active and state.routing is None) or adapter.merged:
             return None
+        if state.routing is not None:
+            from peftkit.activation import routed_input
+
+            change = functools.partial(routed_input, adapter, name, state.routing)
+        else:
+            change = adapter.transform_input
         if args:
-            return (adapter.transform_input(args[0]), *args[1:]), kwargs
+            return (change(args[0]), *args[1:]), kwargs
         key = "hidden_states" if "hidden_states" in kwargs else next(k for k, v in kwargs.items() if torch.is_tensor(v))
-        return args, {**kwargs, key: adapter.transform_input(kwargs[key])}
+        return args, {**kwargs, key: change(kwargs[key])}
 
     return transform
 
@@ -153,6 +167,7 @@ def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path) -> nn.
                 item.module.add_module(ADAPTER_CONTAINER, container)
                 state.hooks[item.row.path] = item.module.register_forward_hook(_make_hook(state), with_kwargs=True)
             container[item.row.adapter] = adapter
+            adapter.__dict__["peftkit_method"] = item.method  # routing groups a host's adapters by method
             extra = item.site.install(adapter) if hasattr(item.site, "install") else []
             if adapter.transforms_input:
                 hook = _make_input_hook(state, item.row.adapter, adapter)
