@@ -113,6 +113,6 @@ def test_what_cannot_be_routed_is_refused():
     ):
         pass
     peftkit.unmerge(model, ["a"])
-    with pytest.raises(peftkit.AttachError, match="routing names 3 examples, but the batch holds 2"):
-        with peftkit.route(model, ["a", "b", "a"]):
-            model(input_ids=torch.randint(2, 128, (2, 5)))
+    too_many = pytest.raises(peftkit.AttachError, match="routing names 3 examples, but the batch holds 2")
+    with too_many, peftkit.route(model, ["a", "b", "a"]):
+        model(input_ids=torch.randint(2, 128, (2, 5)))
