@@ -25,6 +25,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from peftkit import Adapter, Capabilities, Method, MethodConfig
+from peftkit.method import ALL_RULES
 from peftkit.sublayer_sites import SublayerSite
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "swish": nn.SiLU}
@@ -109,7 +110,14 @@ class _Bottleneck(Method):
 
 
 def _capabilities(site: Literal["output", "parallel"]) -> Capabilities:
-    return Capabilities(site=site, module_types=(nn.Module,), mergeable=False, identity_at_init=True, commutes=False)
+    return Capabilities(
+        site=site,
+        module_types=(nn.Module,),
+        mergeable=False,
+        identity_at_init=True,
+        commutes=False,
+        compose_rules=ALL_RULES,
+    )
 
 
 class Houlsby(_Bottleneck):

@@ -21,6 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftkit import Adapter, Capabilities, Method, MethodConfig
+from peftkit.method import ALL_RULES
 from peftkit.sites import WeightSite
 from peftkit.targeting import compile_pattern
 
@@ -74,7 +75,9 @@ class IA3Adapter(Adapter):
 class IA3(Method):
     name = "ia3"
     config = IA3Config
-    capabilities = Capabilities(site="weight", module_types=(nn.Linear, Conv1D), mergeable=True, identity_at_init=True)
+    capabilities = Capabilities(
+        site="weight", module_types=(nn.Linear, Conv1D), mergeable=True, identity_at_init=True, compose_rules=ALL_RULES
+    )
 
     @classmethod
     def parameter_count(cls, config: IA3Config, site: WeightSite) -> int:

@@ -21,6 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from peftkit import Adapter, Capabilities, Method, MethodConfig
+from peftkit.method import ALL_RULES
 from peftkit.sites import WeightSite, weight_site_types
 
 
@@ -80,6 +81,8 @@ class LoRA(Method):
         identity_at_init=True,
         routable=True,
         commutes=True,
+        compose_rules=ALL_RULES,
+        combinable=True,
     )
 
     @classmethod
@@ -124,3 +127,29 @@ class LoRA(Method):
     @classmethod
     def create(cls, config: LoRAConfig, site: WeightSite) -> LoRAAdapter:
         return LoRAAdapter(config, site)
+
+    # -- peftkit.combine hooks: the update is scaling * B A, a matrix of rank at most r ---------------------------
+    @classmethod
+    def weight_delta(cls, adapter: LoRAAdapter) -> torch.Tensor:
+        return adapter.delta_weight()
+
+    @classmethod
+    def delta_rank(cls, config: LoRAConfig) -> int:
+        return config.r
+
+    @classmethod
+    def low_rank_config(cls, like: LoRAConfig, target: list[str], rank: int) -> LoRAConfig:
+        """alpha = r and no rsLoRA, so scaling = 1 and B A is the update itself; dropout and init follow ``like``."""
+        return LoRAConfig(target=target, r=rank, alpha=float(rank), dropout=like.dropout, init=like.init)
+
+    @classmethod
+    def load_low_rank_(cls, adapter: LoRAAdapter, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> None:
+        """B = U sqrt(S) / scaling, A = sqrt(S) Vh: the singular values split evenly, so A and B have equal norms
+        (neither factor starts near zero if training continues). Ranks below r leave the extra rows/columns 0."""
+        root = s.sqrt()
+        k = s.shape[0]
+        with torch.no_grad():
+            adapter.lora_a.zero_()
+            adapter.lora_b.zero_()
+            adapter.lora_a[:k].copy_(root[:, None] * vh)  # "k, k i -> k i"
+            adapter.lora_b[:, :k].copy_(u * (root / adapter.scaling))  # "o k, k -> o k"

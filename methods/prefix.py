@@ -109,7 +109,9 @@ class PrefixAdapter(Adapter):
 class Prefix(Method):
     name = "prefix"
     config = PrefixConfig
-    capabilities = Capabilities(site="attention", module_types=(nn.Module,), mergeable=False, identity_at_init=True)
+    capabilities = Capabilities(
+        site="attention", module_types=(nn.Module,), mergeable=False, identity_at_init=True, compose_rules=frozenset()
+    )
 
     @classmethod
     def capabilities_for(cls, config: PrefixConfig) -> Capabilities:

@@ -106,7 +106,9 @@ class PromptEncoder(nn.Module):
         return self.mlp(embeddings)
 
 
-_CAPABILITIES = Capabilities(site="input", module_types=(nn.Embedding,), mergeable=False, identity_at_init=False)
+_CAPABILITIES = Capabilities(
+    site="input", module_types=(nn.Embedding,), mergeable=False, identity_at_init=False, compose_rules=frozenset()
+)
 
 
 class PromptTuning(Method):

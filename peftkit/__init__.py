@@ -16,6 +16,7 @@ from peftkit.attach import (
     trainable_parameters,
     unmerge,
 )
+from peftkit.combine import combine
 from peftkit.errors import (
     AttachError,
     CheckpointError,
@@ -50,6 +51,7 @@ __all__ = [
     "activate",
     "active_adapters",
     "attach",
+    "combine",
     "detach",
     "disabled",
     "fold",

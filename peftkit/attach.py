@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from peftkit.compose import Gates, check_rules, compose_output, gate_name
 from peftkit.errors import AttachError
 from peftkit.method import Adapter, Method, MethodConfig
 from peftkit.placements import family_of
@@ -85,6 +86,8 @@ def _make_hook(state: ModelState):
             from peftkit.activation import routed_output
 
             hidden = routed_output(container, state.routing, x, hidden)
+        elif state.spec.compose:
+            hidden = compose_output(container, state.spec.compose, state.active, x, hidden)
         else:
             for adapter in running:
                 hidden = adapter(x, hidden)
@@ -151,7 +154,18 @@ def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path) -> nn.
     previous = get_state(model)
     combined = previous.spec.merged_with(spec) if previous is not None else spec
     _, planned = resolve(model, spec)
+    check_rules(
+        combined.compose,
+        [*(previous.attached if previous else []), *(_Planned(i.row.adapter, i.row.path, i.method) for i in planned)],
+    )
     built = [(item, item.method.create(item.config, item.site)) for item in planned]
+    composed = {n: c.rule for c in combined.compose if c.rule != "stack" for n in c.adapters}
+    for item, adapter in built:
+        if adapter.transforms_input and item.row.adapter in composed:
+            raise AttachError(
+                f"{item.method.name!r} (adapter {item.row.adapter!r}) at {item.row.path!r} changes its host's input, "
+                f"which only the 'stack' rule composes, not {composed[item.row.adapter]!r}"
+            )
 
     state = previous or ModelState(spec=combined)
     saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -177,6 +191,7 @@ def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path) -> nn.
                     item.row.adapter, item.row.path, item.method, item.config, adapter, item.row.entry, extra
                 )
             )
+        _add_gates(model, state, offset=len(combined.compose) - len(spec.compose))
         state.active.update(spec.adapters)
         _set_training_state(model, state)
     except BaseException:
@@ -200,6 +215,9 @@ def _remove(model: nn.Module, state: ModelState, removing: list[AttachedAdapter]
         del container[attached.adapter_name]
         for handle in attached.site_hooks:
             handle.remove()
+        if all(key[0].isdigit() for key in container):  # only composition gates left
+            for key in list(container):
+                del container[key]
         if len(container) == 0:
             delattr(host, ADAPTER_CONTAINER)
             state.hooks.pop(attached.path).remove()
@@ -230,11 +248,53 @@ def detach(model: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
                 parameter.requires_grad_(state.original_requires_grad[name])
         _drop_state(model)
     else:
+        # A rule that loses a member goes (its adapters run one after another again); the others keep their gates,
+        # renamed to their new rule index.
+        kept = [i for i, c in enumerate(state.spec.compose) if not set(c.adapters) & gone]
+        _rename_gates(model, {old: new for new, old in enumerate(kept)})
         state.spec = Spec(
             adapters={k: v for k, v in state.spec.adapters.items() if k not in gone},
             trainable=state.spec.trainable,
+            compose=[state.spec.compose[i] for i in kept],
         )
     return model
+
+
+@dataclass(frozen=True)
+class _Planned:
+    adapter_name: str
+    path: str
+    method: type[Method]
+
+
+def _add_gates(model: nn.Module, state: ModelState, offset: int) -> None:
+    """Learned gates for the spec's ``gate`` rules (from rule ``offset`` on), at each host one of their members is."""
+    modules = dict(model.named_modules())
+    for index, composition in enumerate(state.spec.compose[offset:], start=offset):
+        if composition.rule != "gate":
+            continue
+        for path in dict.fromkeys(a.path for a in state.attached if a.adapter_name in composition.adapters):
+            container = getattr(modules[path], ADAPTER_CONTAINER)
+            if gate_name(index) not in container:
+                member = next(iter(container[n] for n in composition.adapters if n in container))
+                parameter = next(member.parameters())
+                count = len(composition.adapters)
+                container[gate_name(index)] = Gates(count, composition.gate_init, parameter.device, parameter.dtype)
+
+
+def _rename_gates(model: nn.Module, new_index: dict[int, int]) -> None:
+    """Move each kept rule's gates to its new index; drop the gates of rules that are gone."""
+    for module in model.modules():
+        container = module._modules.get(ADAPTER_CONTAINER)
+        if container is None:
+            continue
+        gates = {key: container[key] for key in container if key[0].isdigit()}
+        for key in gates:
+            del container[key]
+        for key, module_gates in gates.items():
+            old = int(key.split("_", 1)[0])
+            if old in new_index:
+                container[gate_name(new_index[old])] = module_gates
 
 
 def merge(model: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
@@ -244,7 +304,11 @@ def merge(model: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
     """
     state = require_state(model)
     chosen = [a for a in state.adapters(names) if names is not None or a.adapter_name in state.active]
+    weighted = {n for c in state.spec.compose if c.rule in {"gate", "average"} for n in c.adapters}
     refused = sorted({(a.adapter_name, a.method.name) for a in chosen if not a.method.capabilities.mergeable})
+    refused += sorted(
+        {(a.adapter_name, "weighted by a composition rule") for a in chosen if a.adapter_name in weighted}
+    )
     if refused:
         raise AttachError(
             f"cannot merge {refused}: these methods are not mergeable (their capabilities say so); "
@@ -280,7 +344,7 @@ def fold(model: nn.Module) -> nn.Module:
             entries = list(adapters[attached.adapter_name])
             entries[attached.entry] = attached.config
             adapters[attached.adapter_name] = entries
-    state.spec = Spec(adapters=adapters, trainable=state.spec.trainable)
+    state.spec = Spec(adapters=adapters, trainable=state.spec.trainable, compose=state.spec.compose)
     for attached in state.attached:
         for parameter in attached.module.parameters():
             parameter.requires_grad_(True)

@@ -37,7 +37,8 @@ def _saved_parameters(model: nn.Module, adapter_names: set[str] | None = None) -
         parts = name.split(".")
         if ADAPTER_CONTAINER in parts:
             owner = parts[parts.index(ADAPTER_CONTAINER) + 1]
-            if adapter_names is None or owner in adapter_names:
+            is_gate = owner[0].isdigit()  # a composition rule's gates (see peftkit.compose.gate_name)
+            if adapter_names is None or owner in adapter_names or (is_gate and state.spec.compose):
                 tensors[name] = tensor
         elif any(name.startswith(path + ".") for path in trainable_paths):
             tensors[name] = tensor

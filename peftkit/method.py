@@ -20,6 +20,7 @@ from torch import nn
 from peftkit.layers import parse_layers
 
 SiteKind = Literal["weight", "output", "parallel", "attention", "input"]
+ALL_RULES = frozenset({"sum", "stack", "gate", "average"})  # see peftkit.compose
 
 
 class MethodConfig(BaseModel):
@@ -64,6 +65,8 @@ class Capabilities:
     ``identity_at_init``: a freshly attached adapter leaves the model's outputs unchanged.
     ``mergeable``: the adapter can be folded into the host's weights and unfolded again.
     ``input_is_index``: hosts such as nn.Embedding take integer ids, not activations.
+    ``combinable``: the adapter's update is a weight delta that ``peftkit.combine`` can read and write back; the
+    method class then implements the hooks of the ``Combinable`` protocol in ``peftkit/combine.py``.
     """
 
     site: SiteKind
@@ -73,6 +76,7 @@ class Capabilities:
     routable: bool = False
     commutes: bool = True
     compose_rules: frozenset[str] = frozenset({"sum"})
+    combinable: bool = False
 
 
 class Adapter(nn.Module):

@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from peftkit.compose import Composition
 from peftkit.errors import PeftkitError, SpecError
 from peftkit.method import MethodConfig
 from peftkit.registry import get_method
@@ -71,6 +72,24 @@ class Spec(BaseModel):
     trainable: list[str] = Field(
         default_factory=list, description="globs of base modules trained in full and saved (e.g. a new head)"
     )
+    compose: list[Composition] = Field(
+        default_factory=list, description="rules combining several of these adapters where they meet"
+    )
+
+    @model_validator(mode="after")
+    def _compositions_name_known_adapters(self) -> Spec:
+        seen: dict[str, int] = {}
+        for index, composition in enumerate(self.compose):
+            unknown = [name for name in composition.adapters if name not in self.adapters]
+            if unknown:
+                raise ValueError(
+                    f"compose.{index}: adapters {unknown} are not in this spec; known: {sorted(self.adapters)}"
+                )
+            for name in composition.adapters:
+                if name in seen:
+                    raise ValueError(f"compose.{index}: adapter {name!r} is already composed by compose.{seen[name]}")
+                seen[name] = index
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -173,4 +192,5 @@ class Spec(BaseModel):
         return Spec(
             adapters={**self.adapters, **other.adapters},
             trainable=list(dict.fromkeys([*self.trainable, *other.trainable])),
+            compose=[*self.compose, *other.compose],
         )
