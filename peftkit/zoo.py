@@ -142,3 +142,22 @@ def build_model(name_or_path: str, *, meta: bool = False) -> nn.Module:
         with torch.device("meta"):
             return construct()
     return construct()
+
+
+def load_model(name_or_path: str, *, pretrained: bool = False) -> nn.Module:
+    """``build_model``, or with ``pretrained`` a local transformers folder's weights (never fetched from a hub).
+
+    The class is the folder's first ``architectures`` entry when transformers knows it (so a sequence classifier
+    keeps its head), else a causal LM."""
+    if not pretrained:
+        return build_model(name_or_path)
+    path = Path(name_or_path)
+    if not (path / "config.json").is_file():
+        raise PeftkitError(f"model {name_or_path!r}: pretrained needs a local folder with config.json and weights")
+    import transformers
+
+    architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if not (isinstance(model_class, type) and hasattr(model_class, "from_pretrained")):
+        model_class = transformers.AutoModelForCausalLM
+    return model_class.from_pretrained(path, local_files_only=True)

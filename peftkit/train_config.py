@@ -1,0 +1,88 @@
+"""The training config of ``peftkit train``: model, data, spec, optimiser, schedule, budget, precision, output.
+
+Like a spec, it is read from YAML as untrusted input (``safe_load``, unknown fields refused) and every problem is
+a :class:`~peftkit.errors.SpecError` with the field path, raised before anything is trained or written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from peftkit.errors import SpecError
+from peftkit.spec import Spec, _format_validation_error
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    name: str = Field(description="a zoo name (llama-tiny...) or a local folder with config.json (and weights)")
+    pretrained: bool = Field(default=False, description="load the folder's weights (from_pretrained), not random ones")
+
+
+class DataConfig(_Strict):
+    train: str = Field(description="a .txt file (one example per line) or a .jsonl file")
+    eval: str | None = None
+    text_field: str = "text"
+    tokenizer: str | None = Field(default=None, description="a local tokenizer folder; default: bytes modulo vocab")
+    max_length: int = Field(default=64, gt=1)
+
+
+class OptimizerConfig(_Strict):
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+
+
+class ScheduleConfig(_Strict):
+    kind: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_steps: int = Field(default=0, ge=0)
+
+
+class TrainConfig(_Strict):
+    model: ModelConfig
+    data: DataConfig
+    spec: dict[str, Any] | str = Field(description="a peftkit spec, inline or as a path to a spec file")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    steps: int = Field(gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: autocast; weights stay fp32")
+    seed: int = 0
+    output: str = Field(description="folder for checkpoints and the final adapters")
+    checkpoint_every: int = Field(default=50, gt=0)
+    eval_every: int | None = Field(default=None, gt=0)
+    log_every: int = Field(default=10, gt=0)
+
+    @model_validator(mode="after")
+    def _spec_validates(self) -> TrainConfig:
+        if isinstance(self.spec, dict):
+            Spec.model_validate(self.spec)
+        return self
+
+    def resolved_spec(self, base: Path) -> Spec:
+        if isinstance(self.spec, str):
+            path = Path(self.spec)
+            return Spec.from_file(path if path.is_absolute() else base / path)
+        return Spec.model_validate(self.spec)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as error:
+            raise SpecError(f"cannot read training config {str(path)!r}: {error.strerror or error}") from None
+        except yaml.YAMLError as error:
+            raise SpecError(f"training config {str(path)!r} is not valid YAML: {error}") from None
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            message = _format_validation_error(error).replace("invalid spec", f"invalid training config {path}")
+            raise SpecError(message) from None

@@ -1,0 +1,260 @@
+"""``peftkit train``: fine-tune a causal LM with a spec's adapters, checkpointing so that no crash loses the run.
+
+Everything that can be wrong with the inputs (config, data files, model, spec) is checked before the first step,
+and nothing in the output folder is overwritten until a step has been trained. Batches are a pure function of the
+seed and the step (a fresh permutation of the data per epoch), so the data position is just the step; together
+with the optimiser, scheduler and RNG states in each checkpoint, a resumed run computes exactly what the
+uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftkit import checkpointing
+from peftkit.attach import attach
+from peftkit.errors import CheckpointError, PeftkitError
+from peftkit.io import SPEC_FILE, WEIGHTS_FILE, _read_shapes, _saved_parameters, read_spec, save
+from peftkit.train_config import TrainConfig
+
+IGNORE_INDEX = -100
+
+
+def _read_texts(path: Path, field: str) -> list[str]:
+    if not path.is_file():
+        raise PeftkitError(f"data file {str(path)!r} not found; give data.train as a .txt or .jsonl file")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        try:
+            texts = [json.loads(line)[field] for line in lines]
+        except (ValueError, KeyError, TypeError) as error:
+            raise PeftkitError(
+                f"{str(path)!r}: every line must be a JSON object with a {field!r} field ({error})"
+            ) from None
+    else:
+        texts = lines
+    if not texts:
+        raise PeftkitError(f"data file {str(path)!r} holds no examples")
+    return texts
+
+
+class Tokens:
+    """Text -> ids: a local tokenizer folder, or UTF-8 bytes modulo the vocabulary (for models built from configs)."""
+
+    def __init__(self, tokenizer: str | None, vocab_size: int, max_length: int) -> None:
+        self.max_length = max_length
+        self.vocab_size = vocab_size
+        self.tokenizer = None
+        if tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+
+    def __call__(self, text: str) -> list[int]:
+        if self.tokenizer is not None:
+            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        else:
+            ids = [1 + byte % (self.vocab_size - 1) for byte in text.encode("utf-8")]  # 0 stays the padding id
+        return ids[: self.max_length]
+
+
+def _batch(examples: list[list[int]]) -> dict[str, torch.Tensor]:
+    width = max(len(e) for e in examples)
+    ids = torch.zeros(len(examples), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, example in enumerate(examples):
+        ids[row, : len(example)] = torch.tensor(example)
+        mask[row, : len(example)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)}
+
+
+def batch_at(dataset: list[list[int]], step: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+    """The batch of ``step``: position ``step * batch_size`` in an endless sequence of per-epoch permutations."""
+    indices = []
+    position = step * batch_size
+    while len(indices) < batch_size:
+        epoch, offset = divmod(position, len(dataset))
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        take = min(batch_size - len(indices), len(dataset) - offset)
+        indices.extend(order[offset : offset + take].tolist())
+        position += take
+    return _batch([dataset[i] for i in indices])
+
+
+def _schedule(config: TrainConfig):
+    warmup, total, kind = config.schedule.warmup_steps, config.steps, config.schedule.kind
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def _build_model(config: TrainConfig) -> nn.Module:
+    from peftkit.zoo import load_model
+
+    return load_model(config.model.name, pretrained=config.model.pretrained)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    resumed_from: int
+    final_loss: float
+    eval_loss: float | None
+    adapters: Path
+
+
+def _resume_checkpoint(output: Path, model: nn.Module) -> tuple[dict[str, Any] | None, Path | None]:
+    folder = checkpointing.latest(output)
+    if folder is None:
+        return None, None
+    try:
+        saved_spec = read_spec(folder)
+        shapes = _read_shapes(folder / WEIGHTS_FILE)
+        state = checkpointing.read_state(folder)
+    except Exception as error:  # any damage: say which file and stop before training over it
+        raise CheckpointError(f"checkpoint {str(folder)!r} cannot be resumed: {error}") from None
+    expected = _saved_parameters(model)
+    if (
+        saved_spec.to_dict() != model._peftkit_state.spec.to_dict()
+        or {k: tuple(v.shape) for k, v in expected.items()} != shapes
+    ):
+        raise CheckpointError(
+            f"checkpoint {str(folder)!r} was written for another spec or model; remove it or choose another output"
+        )
+    return state, folder
+
+
+def train(config: TrainConfig, config_dir: Path = Path("."), *, progress: bool = True, log=print) -> TrainResult:
+    """Train as the config says, resuming from the output folder's checkpoint when there is one."""
+    output = Path(config.output)
+    output = output if output.is_absolute() else config_dir / output
+    spec = config.resolved_spec(config_dir)
+    texts = _read_texts(
+        config_dir / config.data.train if not Path(config.data.train).is_absolute() else Path(config.data.train),
+        config.data.text_field,
+    )
+    eval_texts = None
+    if config.data.eval is not None:
+        eval_path = Path(config.data.eval)
+        eval_texts = _read_texts(
+            eval_path if eval_path.is_absolute() else config_dir / eval_path, config.data.text_field
+        )
+
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model = _build_model(config)
+    attach(model, spec)  # a spec that does not fit the model fails here, before anything is written
+    tokens = Tokens(config.data.tokenizer, model.config.vocab_size, config.data.max_length)
+    dataset = [tokens(t) for t in texts]
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        parameters, lr=config.optimizer.lr, betas=config.optimizer.betas, weight_decay=config.optimizer.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+
+    start = 0
+    state, folder = _resume_checkpoint(output, model)
+    if state is not None:
+        with torch.no_grad():
+            from safetensors.torch import load_file
+
+            for key, tensor in load_file(folder / WEIGHTS_FILE).items():
+                _saved_parameters(model)[key].copy_(tensor)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate((state["python_rng"][0], tuple(state["python_rng"][1]), state["python_rng"][2]))
+        start = int(state["step"])
+        log(f"resuming from {folder} at step {start}")
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    model.train()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=start, desc="train", unit="step")
+    loss_value, began, seen_tokens = float("nan"), time.perf_counter(), 0
+    for step in range(start, config.steps):
+        batch = batch_at(dataset, step, config.batch_size, config.seed)
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        if config.optimizer.grad_clip:
+            torch.nn.utils.clip_grad_norm_(parameters, config.optimizer.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        seen_tokens += int(batch["attention_mask"].sum())
+        done = step + 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+        if done % config.log_every == 0 or done == config.steps:
+            rate = seen_tokens / max(1e-9, time.perf_counter() - began)
+            log(
+                json.dumps(
+                    {
+                        "step": done,
+                        "loss": round(loss_value, 6),
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens_per_s": round(rate, 1),
+                    }
+                )
+            )
+        if done % config.checkpoint_every == 0 and done < config.steps:
+            _checkpoint(output, model, optimizer, scheduler, done)
+    if bar is not None:
+        bar.close()
+    eval_loss = _evaluate(model, [tokens(t) for t in eval_texts], config) if eval_texts else None
+    if eval_loss is not None:
+        log(json.dumps({"eval_loss": round(eval_loss, 6)}))
+    final = save(model, output / "adapters")
+    _checkpoint(output, model, optimizer, scheduler, config.steps)
+    return TrainResult(config.steps, start, loss_value, eval_loss, final)
+
+
+def _checkpoint(output: Path, model: nn.Module, optimizer, scheduler, step: int) -> None:
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": list(random.getstate()),
+    }
+    checkpointing.write(output, lambda folder: save(model, folder), state)
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, dataset: list[list[int]], config: TrainConfig) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(dataset), config.batch_size):
+        batch = _batch(dataset[start : start + config.batch_size])
+        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        total += model(**batch).loss.item() * tokens
+        count += tokens
+    model.train()
+    return total / max(1, count)
+
+
+__all__ = ["SPEC_FILE", "TrainResult", "batch_at", "train"]

@@ -1,0 +1,158 @@
+"""`peftkit train`: checks before the first step, exact resume after a crash or SIGKILL, atomic checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import peftkit
+from peftkit import checkpointing
+from peftkit.train_config import TrainConfig
+from peftkit.training import train
+
+WORDS = ["the", "movie", "was", "great", "bad", "boring", "fun", "long", "short", "plot", "actor", "scene"]
+
+
+def write_config(folder: Path, **overrides) -> Path:
+    generator = torch.Generator().manual_seed(0)
+    lines = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (10,), generator=generator)) for _ in range(64)]
+    (folder / "train.txt").write_text("\n".join(lines))
+    config = {
+        "model": {"name": "llama-tiny"},
+        "data": {"train": "train.txt", "max_length": 24},
+        "spec": {"adapters": {"default": [{"method": "lora", "target": ["@query", "@value"], "r": 4, "dropout": 0.1}]}},
+        "steps": 24,
+        "batch_size": 4,
+        "optimizer": {"lr": 0.01},
+        "output": "out",
+        "checkpoint_every": 4,
+        "log_every": 100,
+        **overrides,
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run(path: Path, **kwargs):
+    return train(TrainConfig.from_file(path), path.parent, progress=False, log=lambda *_: None, **kwargs)
+
+
+def adapters(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter.safetensors")
+
+
+def test_a_crashed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    straight.mkdir(), crashed.mkdir()
+    run(write_config(straight))
+    config = write_config(crashed)
+    real_write = checkpointing.write
+
+    def crash_after_step_12(output, save_adapters, state):
+        real_write(output, save_adapters, state)
+        if state["step"] == 12:
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(checkpointing, "write", crash_after_step_12)
+    with pytest.raises(KeyboardInterrupt):
+        run(config)
+    monkeypatch.setattr(checkpointing, "write", real_write)
+    result = run(config)
+    assert result.resumed_from == 12
+    expected, got = adapters(straight / "out" / "adapters"), adapters(crashed / "out" / "adapters")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_weights(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir(), killed.mkdir()
+    run(write_config(straight, steps=150, checkpoint_every=10))
+    config = write_config(killed, steps=150, checkpoint_every=10)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    command = [sys.executable, "-m", "peftkit", "train", str(config), "--no-progress"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = killed / "out" / "checkpoint" / checkpointing.MARKER
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if marker.is_file() and int(marker.read_text() or 0) >= 20:
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "out" / "adapters").exists()
+    result = run(config)
+    assert 20 <= result.resumed_from < 150
+    expected, got = adapters(straight / "out" / "adapters"), adapters(killed / "out" / "adapters")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    config = write_config(tmp_path, steps=8)
+    run(config)
+    before = adapters(tmp_path / "out" / "checkpoint")
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpointing.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpointing.write(
+            tmp_path / "out", lambda folder: (folder / "adapter.safetensors").write_bytes(b"x"), {"step": 99}
+        )
+    folder = checkpointing.latest(tmp_path / "out")
+    assert folder == tmp_path / "out" / "checkpoint"
+    assert all(torch.equal(before[k], v) for k, v in adapters(folder).items())
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"data": {"train": "missing.txt"}}, peftkit.PeftkitError, "data file .*missing.txt' not found"),
+        (
+            {"spec": {"adapters": {"d": [{"method": "lora", "target": "c_attn"}]}}},
+            peftkit.TargetingError,
+            "matched no module",
+        ),
+        ({"steps": 0}, peftkit.SpecError, "steps: Input should be greater than 0"),
+        (
+            {"spec": {"adapters": {"d": [{"method": "lora", "target": "q", "r": -1}]}}},
+            peftkit.SpecError,
+            "greater than 0",
+        ),
+        ({"model": {"name": "gpt7"}}, peftkit.PeftkitError, "neither a zoo name"),
+    ],
+)
+def test_bad_input_fails_before_anything_is_written(tmp_path, change, error, message):
+    config = write_config(tmp_path, **change)
+    with pytest.raises(error, match=message):
+        run(config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupt_checkpoint_is_refused_before_training(tmp_path):
+    config = write_config(tmp_path, steps=8)
+    run(config)
+    saved = (tmp_path / "out" / "adapters" / "adapter.safetensors").read_bytes()
+    (tmp_path / "out" / "checkpoint" / "state.pt").write_bytes(b"garbage")
+    raw = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**raw, "steps": 16}))
+    with pytest.raises(peftkit.CheckpointError, match="cannot be resumed"):
+        run(config)
+    assert (tmp_path / "out" / "adapters" / "adapter.safetensors").read_bytes() == saved
+
+
+def test_bf16_autocast_trains_fp32_adapters(tmp_path):
+    result = run(write_config(tmp_path, steps=4, precision="bf16"))
+    assert all(t.dtype == torch.float32 for t in adapters(result.adapters).values())
+    assert result.final_loss == result.final_loss  # not NaN
