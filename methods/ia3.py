@@ -86,3 +86,50 @@ class IA3(Method):
     @classmethod
     def create(cls, config: IA3Config, site: WeightSite) -> IA3Adapter:
         return IA3Adapter(config, site)
+
+    # -- HF PEFT checkpoints (peftkit.from_peft / peftkit.to_peft) ------------------------------------------------
+    # PEFT key base_model.model.<path>.ia3_l: (d_out, 1) scales the host's output, (1, d_in) scales its input (a
+    # feedforward module). peftkit's ia3_scale is the same vector, flat; which side it scales is read from the shape
+    # (and written back the same way), so the spec lists every path as a target and the input-scaled ones as
+    # feedforward.
+    peft_type = "IA3"
+
+    @classmethod
+    def from_peft(
+        cls, peft_config: dict, tensors: dict[str, torch.Tensor], model: nn.Module, adapter_name: str
+    ) -> tuple[list[dict], dict[str, torch.Tensor]]:
+        from peftkit.errors import CheckpointError
+        from peftkit.peft_format import peftkit_key, split_peft_key
+
+        targets, feedforward, state = [], [], {}
+        for key, tensor in tensors.items():
+            path, _ = split_peft_key(key, ("ia3_l",))
+            if tensor.dim() != 2 or 1 not in tensor.shape:
+                raise CheckpointError(f"IA3 vector {key!r} has shape {list(tensor.shape)}; expected (d, 1) or (1, d)")
+            targets.append(path)
+            if tensor.shape[0] == 1 and tensor.shape[1] != 1:
+                feedforward.append(path)
+            state[peftkit_key(path, adapter_name, "ia3_scale")] = tensor.reshape(-1)
+        if not targets:
+            raise CheckpointError("the PEFT IA3 checkpoint holds no ia3_l tensors")
+        return [{"method": "ia3", "target": targets, "feedforward": feedforward}], state
+
+    @classmethod
+    def to_peft(cls, attached: list, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+        from peftkit.errors import CheckpointError
+        from peftkit.peft_format import peft_key
+
+        conv1d = [isinstance(a.module.site.module, Conv1D) for a in attached]
+        if any(conv1d) and not all(conv1d):
+            raise CheckpointError("PEFT's fan_in_fan_out is one flag: it cannot mix GPT-2 Conv1D and other hosts")
+        tensors = {
+            peft_key(a.path, "ia3_l"): a.module.ia3_scale.reshape((1, -1) if a.module.transforms_input else (-1, 1))
+            for a in attached
+        }
+        config = {
+            "target_modules": sorted(a.path for a in attached),
+            "feedforward_modules": sorted(a.path for a in attached if a.module.transforms_input),
+            "fan_in_fan_out": all(conv1d),
+            "init_ia3_weights": True,
+        }
+        return config, tensors

@@ -129,3 +129,73 @@ class Prefix(Method):
     @classmethod
     def create(cls, config: PrefixConfig, site: AttentionSite) -> PrefixAdapter:
         return PrefixAdapter(config, site)
+
+    # -- HF PEFT checkpoints (peftkit.from_peft / peftkit.to_peft) ------------------------------------------------
+    # PEFT holds one table, prompt_embeddings (length, num_layers * 2 * token_dim) with token_dim = kv_heads *
+    # head_dim, viewed as "p (l two h d)": layer l's keys are two = 0, its values two = 1. peftkit holds per layer
+    # prefix_keys and prefix_values, each "h p d". Every attention layer has a prefix in PEFT, so an export must
+    # cover all of them; PEFT's prefix_projection (one MLP shared by all layers) has no peftkit form and is refused.
+    peft_type = "PREFIX_TUNING"
+
+    @classmethod
+    def _peft_layers(cls, model: nn.Module, length: int) -> list[str]:
+        from peftkit.attach import plan
+
+        return [row.path for row in plan(model, {"adapters": {"x": [{"method": "prefix", "length": length}]}}).rows]
+
+    @classmethod
+    def from_peft(
+        cls, peft_config: dict, tensors: dict[str, torch.Tensor], model: nn.Module, adapter_name: str
+    ) -> tuple[list[dict], dict[str, torch.Tensor]]:
+        from peftkit.errors import CheckpointError
+        from peftkit.peft_format import peftkit_key, refuse_features
+
+        refuse_features(peft_config, {"prefix_projection": False, "num_transformer_submodules": 1})
+        if set(tensors) != {"prompt_embeddings"}:
+            raise CheckpointError(f"a PEFT prefix-tuning file holds only 'prompt_embeddings', found {sorted(tensors)}")
+        table = tensors["prompt_embeddings"]  # "p (l two h d)"
+        length, heads = peft_config["num_virtual_tokens"], peft_config["num_attention_heads"]
+        layers = cls._peft_layers(model, length)
+        if table.dim() != 2 or table.shape[0] != length or table.shape[1] % (2 * len(layers) * heads):
+            raise CheckpointError(
+                f"prompt_embeddings {list(table.shape)} does not fit {length} virtual tokens on the model's "
+                f"{len(layers)} attention layers with {heads} key/value heads"
+            )
+        both = table.reshape(length, len(layers), 2, heads, -1).permute(1, 2, 3, 0, 4)  # "l two h p d"
+        state = {}
+        for index, path in enumerate(layers):
+            state[peftkit_key(path, adapter_name, "prefix_keys")] = both[index, 0]
+            state[peftkit_key(path, adapter_name, "prefix_values")] = both[index, 1]
+        return [{"method": "prefix", "target": layers, "length": length}], state
+
+    @classmethod
+    def to_peft(cls, attached: list, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+        from peftkit.errors import CheckpointError
+
+        for a in attached:
+            if a.config.gate or a.module.encoder is not None:
+                raise CheckpointError(
+                    "PEFT prefix tuning has no gate and no per-layer reparametrisation: export a plain prefix "
+                    "(peftkit.fold folds a reparametrised one)"
+                )
+        by_path = {a.path: a.module for a in attached}
+        length = attached[0].module.length
+        layers = cls._peft_layers(model, length)
+        if sorted(by_path) != sorted(layers) or len({m.length for m in by_path.values()}) != 1:
+            raise CheckpointError(
+                f"PEFT prefix tuning puts one prefix length on every attention layer {layers}; this adapter covers "
+                f"{sorted(by_path)} with lengths {sorted({m.length for m in by_path.values()})}"
+            )
+        heads, _, dim = by_path[layers[0]].shape
+        both = torch.stack([torch.stack(by_path[p].prefixes()) for p in layers])  # "l two h p d"
+        table = both.permute(3, 0, 1, 2, 4).reshape(length, -1)  # "l two h p d -> p (l two h d)"
+        config = {
+            "num_virtual_tokens": length,
+            "num_layers": len(layers),
+            "num_attention_heads": heads,
+            "token_dim": heads * dim,
+            "encoder_hidden_size": heads * dim,
+            "num_transformer_submodules": 1,
+            "prefix_projection": False,
+        }
+        return config, {"prompt_embeddings": table}

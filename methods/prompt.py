@@ -129,6 +129,37 @@ class PromptTuning(Method):
                 adapter.prompt_embedding.copy_(site.module.weight[ids])
         return adapter
 
+    # -- HF PEFT checkpoints (peftkit.from_peft / peftkit.to_peft) ------------------------------------------------
+    # PEFT's prompt_embeddings (length, token_dim) is peftkit's prompt_embedding on the input embedding; how the
+    # virtual tokens were initialised (prompt_tuning_init) matters only at init and is not read.
+    peft_type = "PROMPT_TUNING"
+
+    @classmethod
+    def from_peft(
+        cls, peft_config: dict, tensors: dict[str, torch.Tensor], model: nn.Module, adapter_name: str
+    ) -> tuple[list[dict], dict[str, torch.Tensor]]:
+        from peftkit.errors import CheckpointError
+        from peftkit.peft_format import module_path, peftkit_key, refuse_features
+
+        refuse_features(peft_config, {"num_transformer_submodules": 1})
+        if set(tensors) != {"prompt_embeddings"}:
+            raise CheckpointError(f"a PEFT prompt-tuning file holds only 'prompt_embeddings', found {sorted(tensors)}")
+        table = tensors["prompt_embeddings"]  # "p d"
+        path = module_path(model, model.get_input_embeddings())
+        entry = {"method": "prompt", "target": path, "length": int(table.shape[0])}
+        return [entry], {peftkit_key(path, adapter_name, "prompt_embedding"): table}
+
+    @classmethod
+    def to_peft(cls, attached: list, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+        table = attached[0].module.prompt_embedding
+        config = {
+            "num_virtual_tokens": int(table.shape[0]),
+            "token_dim": int(table.shape[1]),
+            "num_transformer_submodules": 1,
+            "prompt_tuning_init": "RANDOM",
+        }
+        return config, {"prompt_embeddings": table}
+
 
 class PTuning(Method):
     name = "ptuning"

@@ -12,6 +12,7 @@ from peftkit.attach import (
     detach,
     fold,
     merge,
+    merge_and_detach,
     plan,
     trainable_parameters,
     unmerge,
@@ -27,6 +28,7 @@ from peftkit.errors import (
 )
 from peftkit.io import load, read_spec, save
 from peftkit.method import Adapter, Capabilities, Method, MethodConfig
+from peftkit.peft_format import from_peft, to_peft
 from peftkit.registry import get_method, known_methods, register_method, registered, unregister_method
 from peftkit.spec import Spec
 from peftkit.targeting import Plan, PlanRow
@@ -55,10 +57,12 @@ __all__ = [
     "detach",
     "disabled",
     "fold",
+    "from_peft",
     "get_method",
     "known_methods",
     "load",
     "merge",
+    "merge_and_detach",
     "plan",
     "read_spec",
     "register_method",
@@ -66,6 +70,7 @@ __all__ = [
     "route",
     "save",
     "set_trainable",
+    "to_peft",
     "trainable_parameters",
     "unmerge",
     "unregister_method",

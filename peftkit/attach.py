@@ -331,6 +331,19 @@ def unmerge(model: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
     return model
 
 
+def merge_and_detach(model: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
+    """Bake adapters (the active ones, or the named ones) into the base weights for good and remove them.
+
+    What is left is a plain model with no hooks and no adapter modules, for export or serving (HF PEFT's
+    ``merge_and_unload``). Refused up front, like :func:`merge`, if a chosen adapter cannot be merged."""
+    state = require_state(model)
+    chosen = [a for a in state.adapters(names) if names is not None or a.adapter_name in state.active]
+    merge(model, sorted({a.adapter_name for a in chosen}))
+    for attached in chosen:
+        attached.module.merged = False  # the weights keep the update: detach must not take it out again
+    return detach(model, sorted({a.adapter_name for a in chosen}))
+
+
 def fold(model: nn.Module) -> nn.Module:
     """Collapse training-time reparametrisations (e.g. a prefix produced by an MLP) into the plain parameters they
     produce, for inference and saving; the spec is updated to match, so a saved checkpoint loads as folded."""

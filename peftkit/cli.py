@@ -1,4 +1,4 @@
-"""The ``peftkit`` command line: ``plan``, ``validate``, ``methods`` and ``compare``."""
+"""The ``peftkit`` command line: ``plan``, ``validate``, ``methods``, ``train``, ``from-peft``, ``to-peft``, ``compare``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,52 @@ def _methods(args: argparse.Namespace) -> int:
             f"adapts: {types}  ({method.__module__})"
         )
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from peftkit.train_config import TrainConfig
+    from peftkit.training import train
+
+    config = TrainConfig.from_file(args.config)
+    result = train(config, Path(args.config).resolve().parent, progress=not args.no_progress)
+    print(f"trained {result.steps} steps (resumed from {result.resumed_from}); adapters in {result.adapters}")
+    return 0
+
+
+def _from_peft(args: argparse.Namespace) -> int:
+    from peftkit.io import save
+    from peftkit.peft_format import from_peft
+    from peftkit.zoo import load_model
+
+    model = from_peft(load_model(args.model, pretrained=args.pretrained), args.source, adapter_name=args.adapter)
+    save(model, args.output)
+    print(f"{args.source} (HF PEFT) -> {args.output} (peftkit: adapter.safetensors + spec.json)")
+    return 0
+
+
+def _to_peft(args: argparse.Namespace) -> int:
+    from peftkit.io import load
+    from peftkit.peft_format import to_peft
+    from peftkit.zoo import load_model
+
+    model = load(load_model(args.model, pretrained=args.pretrained), args.source)
+    to_peft(model, args.output, adapter_name=args.adapter)
+    print(f"{args.source} (peftkit) -> {args.output} (HF PEFT: adapter_config.json + adapter_model.safetensors)")
+    return 0
+
+
+def _conversion_parser(subparsers: argparse._SubParsersAction, name: str, handler, source: str, output: str) -> None:
+    command = subparsers.add_parser(name, help=f"convert a {source} checkpoint folder into a {output} one")
+    command.add_argument("source", help=f"{source} checkpoint folder")
+    command.add_argument("output", help=f"{output} checkpoint folder to write")
+    command.add_argument(
+        "--model", required=True, help="the base model: a zoo name or a local transformers folder (config.json)"
+    )
+    command.add_argument("--pretrained", action="store_true", help="load the folder's weights, not random ones")
+    command.add_argument("--adapter", default="default", help="the adapter's name (default: default)")
+    command.set_defaults(handler=handler)
 
 
 def _compare_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -84,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     methods = subparsers.add_parser("methods", help="list the registered methods and their capabilities")
     methods.set_defaults(handler=_methods)
 
+    train = subparsers.add_parser(
+        "train", help="train a spec's adapters from a YAML training config, resuming from its last checkpoint"
+    )
+    train.add_argument("config", help="training config (.yaml); see docs/training.md")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    train.set_defaults(handler=_train)
+
+    _conversion_parser(subparsers, "from-peft", _from_peft, "HF PEFT", "peftkit")
+    _conversion_parser(subparsers, "to-peft", _to_peft, "peftkit", "HF PEFT")
     _compare_parser(subparsers)
     return parser
 

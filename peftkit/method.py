@@ -110,6 +110,9 @@ class Method(ABC):
     name: ClassVar[str]
     config: ClassVar[type[MethodConfig]]
     capabilities: ClassVar[Capabilities]
+    # The ``peft_type`` of HF PEFT's adapter_config.json this method reads and writes (``from_peft``/``to_peft``
+    # class methods, see peftkit.peft_format); None: no PEFT interoperability.
+    peft_type: ClassVar[str | None] = None
 
     @classmethod
     def capabilities_for(cls, config: MethodConfig) -> Capabilities:

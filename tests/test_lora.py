@@ -13,6 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import peftkit
+from peftkit.zoo import build_model
 
 
 def attach_one(module: nn.Module, **fields) -> nn.Module:
@@ -135,3 +136,30 @@ def test_unmerged_forward_adds_in_place_into_the_host_output() -> None:
     model[0].register_forward_hook(lambda m, args, out: seen.update(ptr=out.data_ptr()), prepend=True)
     out = model(torch.randn(3, 16))
     assert out.data_ptr() == seen["ptr"]
+
+
+def test_merge_and_detach_leaves_a_plain_model_with_the_update_baked_in() -> None:
+    model = build_model("gpt2-tiny").eval()
+    peftkit.attach(model, {"adapters": {"default": [{"method": "lora", "target": "c_attn", "r": 4}]}})
+    for name, parameter in model.named_parameters():
+        if name.endswith("lora_b"):
+            torch.nn.init.normal_(parameter)
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        adapted = model(ids).logits
+        peftkit.merge_and_detach(model)
+        baked = model(ids).logits
+    assert not hasattr(model, "_peftkit_state")
+    assert not any("peftkit" in name for name in model.state_dict())
+    assert torch.allclose(adapted, baked, atol=1e-5)
+    assert all(parameter.requires_grad for parameter in model.parameters())
+
+
+def test_merge_and_detach_refuses_an_unmergeable_adapter_and_changes_nothing() -> None:
+    model = build_model("gpt2-tiny")
+    peftkit.attach(model, {"adapters": {"default": [{"method": "pfeiffer", "target": "@ffn_output"}]}})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(peftkit.AttachError, match="not mergeable"):
+        peftkit.merge_and_detach(model)
+    assert hasattr(model, "_peftkit_state")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -1,0 +1,254 @@
+"""Read and write HF PEFT checkpoints: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+The core knows only the files and the common fields; each method maps its own layout. ``from_peft`` reads
+``peft_type`` from the config, finds the registered method whose class declares that ``peft_type``, and asks it
+for spec entries and tensors under peftkit's state-dict keys (``Method.from_peft``); it then attaches those entries
+and fills them, checking every key and shape first, all or nothing. ``to_peft`` asks the method of one named
+adapter for a PEFT config and tensors under PEFT's keys (``Method.to_peft``) and writes them.
+
+Both files are untrusted input: the config is JSON only, under a size cap, and must be an object; the weights are
+read from safetensors only (a folder with only a pickled ``adapter_model.bin`` is refused). A PEFT feature that a
+method cannot represent is a :class:`~peftkit.errors.CheckpointError` that names it, never a partial load.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from peftkit.attach import AttachedAdapter, attach, detach, get_state, require_state
+from peftkit.errors import CheckpointError, PeftkitError
+from peftkit.io import _atomic_write, _saved_parameters
+from peftkit.method import Method
+from peftkit.registry import get_method, known_methods
+from peftkit.spec import Spec
+from peftkit.targeting import ADAPTER_CONTAINER
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 1024 * 1024
+MODEL_PREFIX = "base_model.model."  # PEFT's wrappers put every base-model key under this
+
+
+# -- helpers the methods use to map keys and refuse features ---------------------------------------------------------
+def peft_key(path: str, suffix: str) -> str:
+    """PEFT's key for a tensor of the adapter on module ``path``: ``base_model.model.<path>.<suffix>``."""
+    return f"{MODEL_PREFIX}{path}.{suffix}"
+
+
+def peftkit_key(path: str, adapter_name: str, parameter: str) -> str:
+    """peftkit's state-dict key: ``<path>.peftkit_adapters.<adapter_name>.<parameter>``."""
+    return f"{path}.{ADAPTER_CONTAINER}.{adapter_name}.{parameter}"
+
+
+def split_peft_key(key: str, suffixes: tuple[str, ...]) -> tuple[str, str]:
+    """``base_model.model.<path>.<suffix>`` -> (path, suffix); any other key is refused, naming it."""
+    for suffix in suffixes:
+        if key.startswith(MODEL_PREFIX) and key.endswith("." + suffix):
+            return key[len(MODEL_PREFIX) : -len(suffix) - 1], suffix
+    raise CheckpointError(
+        f"unexpected tensor {key!r} in the PEFT checkpoint: expected '{MODEL_PREFIX}<module>.<one of {list(suffixes)}>'"
+        "; it belongs to a PEFT feature peftkit does not read"
+    )
+
+
+def refuse_features(peft_config: Mapping[str, Any], supported: Mapping[str, Any]) -> None:
+    """Refuse every field of ``supported`` whose value in the config is set and differs from the one given.
+
+    ``supported`` maps a PEFT field to the only value peftkit can represent (None, False, "none", {}...); a field
+    the config does not hold is fine (older PEFT versions)."""
+    for name, allowed in supported.items():
+        value = peft_config.get(name, allowed)
+        empty = value in (None, False, "none", {}, []) and allowed in (None, False, "none", {}, [])
+        if value != allowed and not empty:
+            raise CheckpointError(
+                f"the PEFT checkpoint uses {name}={value!r}, which peftkit cannot represent (it supports only "
+                f"{name}={allowed!r}); nothing was loaded"
+            )
+
+
+def module_path(model: nn.Module, module: nn.Module) -> str:
+    """The dotted path of ``module`` inside ``model``."""
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    raise CheckpointError(f"{type(module).__name__} is not a submodule of this model")
+
+
+# -- the core ---------------------------------------------------------------------------------------------------------
+def read_peft_config(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{str(path)!r} not found: a PEFT checkpoint folder holds {CONFIG_FILE} and {WEIGHTS_FILE}"
+        )
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{str(path)!r} is over {MAX_CONFIG_BYTES} bytes; refusing to parse it")
+    try:
+        config = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{str(path)!r} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def method_for_peft_type(peft_type: Any) -> type[Method]:
+    """The registered method whose class declares this ``peft_type``."""
+    supported = {}
+    for name in known_methods():
+        method = get_method(name)
+        if method.peft_type is not None:
+            supported[method.peft_type] = method
+    if peft_type not in supported:
+        raise CheckpointError(
+            f"PEFT checkpoint of peft_type {peft_type!r}: no registered method reads it; supported: {sorted(supported)}"
+        )
+    return supported[peft_type]
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        pickled = " (only adapter_model.bin is there: pickle files are not read; convert it to safetensors)"
+        raise CheckpointError(f"{str(path)!r} not found{pickled if (directory / 'adapter_model.bin').exists() else ''}")
+    try:
+        with safe_open(str(path), framework="pt") as stream:
+            return {key: stream.get_tensor(key) for key in stream.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {error}") from None
+
+
+def _without_unchanged_base_copies(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT may save a copy of a targeted base layer (``save_embedding_layers``: ``<path>.base_layer.weight``).
+    A copy equal to the model's own weight is dropped; a different one (a resized or retrained vocabulary) would
+    change the base model, which from_peft does not do, so it is refused."""
+    own = model.state_dict()
+    kept = {}
+    for key, tensor in tensors.items():
+        if ".base_layer." not in key or not key.startswith(MODEL_PREFIX):
+            kept[key] = tensor
+            continue
+        name = key[len(MODEL_PREFIX) :].replace(".base_layer.", ".")
+        if name not in own or own[name].shape != tensor.shape or not torch.equal(own[name], tensor.to(own[name].dtype)):
+            raise CheckpointError(
+                f"the PEFT checkpoint carries base weights {key!r} (save_embedding_layers) that differ from this "
+                "model's; from_peft does not change the base model. Load them into the base model first."
+            )
+    return kept
+
+
+def _common_refusals(peft_config: Mapping[str, Any]) -> None:
+    """Fields of every PEFT config that change what the checkpoint holds, whatever the method."""
+    if peft_config.get("modules_to_save"):
+        raise CheckpointError(
+            f"the PEFT checkpoint uses modules_to_save={peft_config['modules_to_save']!r} (whole base modules trained "
+            "and saved with the adapter), which from_peft does not map; nothing was loaded"
+        )
+
+
+def from_peft(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> nn.Module:
+    """Attach a HF PEFT checkpoint's adapter to ``model`` as ``adapter_name`` and fill it from the checkpoint.
+
+    All or nothing: an unsupported feature, a missing or unexpected key or a shape mismatch is a
+    :class:`~peftkit.errors.CheckpointError` and the model is left as it was."""
+    directory = Path(directory)
+    peft_config = read_peft_config(directory)
+    method = method_for_peft_type(peft_config.get("peft_type"))
+    _common_refusals(peft_config)
+    tensors = _without_unchanged_base_copies(_read_tensors(directory), model)
+    try:
+        entries, state_dict = method.from_peft(peft_config, tensors, model, adapter_name)
+        spec = Spec.model_validate({"adapters": {adapter_name: entries}})
+    except CheckpointError:
+        raise
+    except (PeftkitError, KeyError, ValueError, TypeError) as error:
+        raise CheckpointError(f"PEFT checkpoint {str(directory)!r} cannot be mapped onto peftkit: {error}") from None
+    existing = get_state(model)
+    if existing is not None and adapter_name in {a.adapter_name for a in existing.attached}:
+        raise CheckpointError(f"an adapter named {adapter_name!r} is already attached; pick another adapter_name")
+    try:
+        attach(model, spec)
+    except PeftkitError as error:
+        raise CheckpointError(f"PEFT checkpoint {str(directory)!r} does not fit this model: {error}") from None
+    try:
+        expected = _saved_parameters(model, {adapter_name})
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        wrong = [
+            f"{k}: checkpoint {list(state_dict[k].shape)}, model {list(expected[k].shape)}"
+            for k in expected
+            if k in state_dict and state_dict[k].shape != expected[k].shape
+        ]
+        if missing or unexpected or wrong:
+            raise CheckpointError(
+                f"PEFT checkpoint {str(directory)!r} does not fit this model: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}, shape mismatches {wrong[:5]}. Load it onto the architecture it was saved from."
+            )
+        with torch.no_grad():
+            for key, target in expected.items():
+                target.copy_(state_dict[key])
+    except BaseException:
+        detach(model, [adapter_name])
+        raise
+    return model
+
+
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for a transformers model, from its class name (PEFT picks its wrapper by it)."""
+    name = type(model).__name__
+    for ending, task in (
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("LMHeadModel", "CAUSAL_LM"),
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+        ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ):
+        if name.endswith(ending):
+            return task
+    return "FEATURE_EXTRACTION" if hasattr(model, "config") else None
+
+
+def to_peft(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> Path:
+    """Write the attached adapter ``adapter_name`` as a HF PEFT checkpoint (``PeftModel.from_pretrained`` loads it).
+
+    Refused, before anything is written, when the adapter mixes methods (a PEFT adapter has one ``peft_type``),
+    when its method has no PEFT format, or when the spec trains whole base modules (``trainable``)."""
+    state = require_state(model)
+    attached: list[AttachedAdapter] = state.adapters([adapter_name])
+    methods = sorted({a.method.name for a in attached})
+    if len(methods) > 1:
+        raise CheckpointError(f"adapter {adapter_name!r} mixes methods {methods}; a PEFT checkpoint holds one method")
+    method = attached[0].method
+    if method.peft_type is None:
+        raise CheckpointError(f"method {method.name!r} has no HF PEFT format (its class declares no peft_type)")
+    if state.spec.trainable:
+        raise CheckpointError(
+            f"the spec trains whole base modules {state.spec.trainable}; to_peft does not write them (modules_to_save)"
+        )
+    peft_config, tensors = method.to_peft(attached, model)
+    config = {
+        "peft_type": method.peft_type,
+        "task_type": peft_task_type(model),
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "inference_mode": True,
+        **peft_config,
+    }
+    for key, tensor in tensors.items():
+        if tensor.is_meta:
+            raise CheckpointError(f"{key} is on the meta device; materialise the model before exporting")
+    cpu = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True)
+    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return directory

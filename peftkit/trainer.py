@@ -1,0 +1,109 @@
+"""Train a model with peftkit adapters under ``transformers.Trainer``, checkpointing only the adapters.
+
+``AdapterTrainer`` is a ``Trainer`` whose model saves are ``peftkit.save`` (``adapter.safetensors`` + ``spec.json``,
+plus the Trainer's own ``training_args.bin``, tokenizer and optimizer/scheduler/RNG/state files) instead of the
+full weights, and whose ``resume_from_checkpoint`` and ``load_best_model_at_end`` fill the attached adapters back
+from such a folder. The base model is never written: a checkpoint is as small as the adapters and the optimizer
+state. transformers is imported when the class is first used, so importing peftkit does not import it.
+
+    model = peftkit.attach(model, spec)
+    trainer = AdapterTrainer(model=model, args=TrainingArguments(...), train_dataset=...)
+    trainer.train()                                   # checkpoint-N/ holds adapter.safetensors, spec.json
+    trainer.train(resume_from_checkpoint=True)        # continues from the newest checkpoint
+
+With a plain ``Trainer``, ``AdapterCheckpointCallback`` writes the adapter files into each checkpoint folder as
+well (the Trainer still writes its full weights there).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from peftkit.attach import get_state, require_state
+from peftkit.errors import CheckpointError
+from peftkit.io import SPEC_FILE, WEIGHTS_FILE, _read_shapes, _saved_parameters, read_spec, save
+
+__all__ = ["AdapterCheckpointCallback", "AdapterTrainer", "restore_adapter_weights"]
+
+TRAINING_ARGS_FILE = "training_args.bin"  # the name transformers' Trainer gives its arguments
+
+
+def restore_adapter_weights(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Fill the adapters already attached to ``model`` from a ``peftkit.save`` folder (resuming a run).
+
+    The folder's spec must equal the model's, and every key and shape must match, before any value is copied."""
+    directory = Path(directory)
+    state = require_state(model)
+    spec = read_spec(directory)
+    if spec.to_dict() != state.spec.to_dict():
+        raise CheckpointError(
+            f"checkpoint {str(directory)!r} was saved with another spec than the model's; "
+            "attach the same spec before resuming"
+        )
+    expected = _saved_parameters(model)
+    shapes = _read_shapes(directory / WEIGHTS_FILE)
+    wrong = sorted(set(expected) ^ set(shapes)) + [
+        k for k in expected if k in shapes and shapes[k] != tuple(expected[k].shape)
+    ]
+    if wrong:
+        raise CheckpointError(f"checkpoint {str(directory)!r} does not fit the attached adapters: {wrong[:5]}")
+    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as stream, torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(stream.get_tensor(key))
+    return model
+
+
+def _is_adapter_checkpoint(directory: str | os.PathLike | None) -> bool:
+    return directory is not None and (Path(directory) / SPEC_FILE).is_file()
+
+
+class AdapterTrainer(Trainer):
+    """A ``transformers.Trainer`` that saves and restores only the model's peftkit adapters."""
+
+    def _adapter_model(self) -> nn.Module | None:
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        return model if get_state(model) is not None else None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self._adapter_model()
+        if model is None:
+            return super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return None
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        save(model, output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_FILE))
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        adapted = self._adapter_model() if model is None else model
+        if adapted is None or get_state(adapted) is None or not _is_adapter_checkpoint(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        restore_adapter_weights(adapted, resume_from_checkpoint)
+        return None
+
+    def _load_best_model(self) -> None:
+        model = self._adapter_model()
+        best = self.state.best_model_checkpoint
+        if model is None or not _is_adapter_checkpoint(best):
+            return super()._load_best_model()
+        restore_adapter_weights(model, best)
+        return None
+
+
+class AdapterCheckpointCallback(TrainerCallback):
+    """Writes ``peftkit.save`` files into every checkpoint folder of a plain ``Trainer``."""
+
+    def on_save(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+        if model is None or not state.is_world_process_zero or get_state(model) is None:
+            return
+        save(model, Path(args.output_dir) / f"checkpoint-{state.global_step}")
