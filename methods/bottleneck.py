@@ -91,7 +91,8 @@ class BottleneckAdapter(Adapter):
         hidden = self.activation(self.down(source))  # "... d -> ... width"
         if self.dropout is not None:
             hidden = self.dropout(hidden)
-        return out + self.scaling * self.up(hidden)  # not in place: for a sequential adapter `out` is saved by down
+        # one fused scaled add, not in place: for a sequential adapter `out` is saved by down
+        return torch.add(out, self.up(hidden), alpha=self.scaling)
 
 
 class _Bottleneck(Method):

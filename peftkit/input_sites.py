@@ -59,7 +59,9 @@ class InputSite:
                     embeds = self.module(ids)
                 virtual = adapter.virtual_tokens().to(embeds.dtype)  # "p d"
                 kwargs["inputs_embeds"] = torch.cat([virtual.expand(embeds.shape[0], -1, -1), embeds], dim=1)
-                kwargs["labels"] = _prepend(kwargs.get("labels"), length, IGNORE_INDEX)
+                labels = kwargs.get("labels")
+                if labels is not None and labels.dim() >= 2:  # per-token labels; a sequence's label stays as it is
+                    kwargs["labels"] = _prepend(labels, length, IGNORE_INDEX)
                 kwargs["token_type_ids"] = _prepend(kwargs.get("token_type_ids"), length, 0)
                 if kwargs.get("position_ids") is not None:
                     positions = kwargs["position_ids"]

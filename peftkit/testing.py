@@ -208,7 +208,7 @@ def randomise_adapters(model: nn.Module, seed: int = 0) -> None:
         for name, parameter in model.named_parameters():
             if ADAPTER_CONTAINER in name.split("."):
                 noise = torch.randn(parameter.shape, generator=generator).mul_(0.3)
-                parameter.add_(noise.to(parameter.dtype))
+                parameter.add_(noise.to(parameter.device, parameter.dtype))
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

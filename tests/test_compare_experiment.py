@@ -15,6 +15,8 @@ from peftkit_benchmarks.compare.experiment import (
     load_experiment,
 )
 
+import peftkit
+
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
@@ -85,7 +87,7 @@ def test_set_overrides_any_field_by_dotted_path_and_rejects_unknown_ones():
     with pytest.raises(ExperimentError, match="stepz"):
         cli.resolve_experiment(parse("--set", "budget.stepz=3"))
     with pytest.raises(ExperimentError, match="not a field"):
-        cli.resolve_experiment(parse("--set", "arms.7.lr=1"))
+        cli.resolve_experiment(parse("--set", "arms.20.lr=1"))
 
 
 def test_task_option_picks_the_shipped_experiment_for_that_task():
@@ -94,7 +96,37 @@ def test_task_option_picks_the_shipped_experiment_for_that_task():
 
 def test_unknown_method_name_is_an_error_listing_the_arms(capsys):
     assert cli.run(parse("--methods", "dora")) == 2
-    assert "arms: ['full', 'lora']" in capsys.readouterr().err
+    assert "arms: ['full', 'lora', 'lora-qv', 'houlsby'" in capsys.readouterr().err
+
+
+def test_the_default_run_trains_the_default_arms_and_all_trains_every_built_in_method():
+    default = cli.resolve_experiment(parse())
+    assert [arm.name for arm in default.arms] == ["full", "lora"]
+    every = {arm.name for arm in cli.resolve_experiment(parse("--methods", "all")).arms}
+    assert every == {
+        "full",
+        "lora",
+        "lora-qv",
+        "houlsby",
+        "pfeiffer",
+        "parallel",
+        "ia3",
+        "prefix",
+        "prompt",
+        "ptuning",
+        "lora+ia3",
+    }
+    assert {
+        arm.spec["adapters"]["default"][0]["method"]
+        for arm in cli.resolve_experiment(parse("--methods", "all")).arms
+        if arm.spec
+    } == set(peftkit.known_methods())
+
+
+def test_default_arms_must_name_arms_of_the_file(tmp_path):
+    path = write(tmp_path, lambda raw: raw.update(default_arms=["full", "dora"]))
+    with pytest.raises(ExperimentError, match="dora"):
+        load_experiment(path)
 
 
 def test_r8_generation_says_it_is_not_yet_supported(capsys):

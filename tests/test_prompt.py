@@ -126,3 +126,20 @@ def test_ptuning_encoder_folds_for_inference_and_saving(encoder, tmp_path):
 def test_virtual_tokens_only_before_the_input_embeddings():
     with pytest.raises(peftkit.TargetingError, match="virtual tokens go before the model's input embeddings"):
         peftkit.plan(build("gpt2"), {"adapters": {"p": [{"method": "prompt", "target": "wpe"}]}})
+
+
+def test_a_sequence_classifier_keeps_its_per_sequence_labels():
+    """Labels of shape (batch,) belong to whole sequences: nothing to pad, and the loss is the head's."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(
+        BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100)
+    )
+    peftkit.attach(model, {"adapters": {"default": [{"method": "prompt", "length": 3}]}})
+    ids, labels = torch.randint(0, 100, (4, 6)), torch.tensor([0, 1, 1, 0])
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+    expected = torch.nn.functional.cross_entropy(out.logits, labels)
+    assert torch.allclose(out.loss, expected)
+    out.loss.backward()
+    assert model.bert.embeddings.word_embeddings.peftkit_adapters["default"].prompt_embedding.grad is not None

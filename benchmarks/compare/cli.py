@@ -49,7 +49,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         choices=list(data.TASKS),
         help="run the shipped experiment for this task (with --experiment: replace its task)",
     )
-    parser.add_argument("--methods", metavar="ARM,...", help="arms to run, by name (default: all in the file)")
+    parser.add_argument(
+        "--methods",
+        metavar="ARM,...|all",
+        help="arms to run, by name; `all`: every arm of the file (default: the file's default_arms, else all)",
+    )
     parser.add_argument("--steps", type=int, metavar="N", help="training steps per arm (overrides the file)")
     parser.add_argument("--seeds", type=seeds_option, metavar="N|LIST", help="seed count (3) or list (0,5,7)")
     parser.add_argument("--train-size", type=int, metavar="N", help="training examples (overrides the file)")
@@ -115,13 +119,18 @@ def resolve_experiment(args: argparse.Namespace) -> Experiment:
         raw["task"]["train_size"] = args.train_size
     for override in args.overrides:
         set_dotted(raw, override)
-    if args.methods:
+    wanted = None
+    if args.methods and args.methods.strip() != "all":
         wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    elif not args.methods and raw.get("default_arms"):
+        wanted = raw["default_arms"]
+    if wanted is not None:
         known = [arm["name"] for arm in raw["arms"]]
         unknown = [m for m in wanted if m not in known]
         if unknown:
             raise ExperimentError(f"--methods: no arm named {unknown} in {experiment.name}; arms: {known}")
         raw["arms"] = [arm for arm in raw["arms"] if arm["name"] in wanted]
+        raw["default_arms"] = None
     try:
         experiment = Experiment.model_validate(raw)
     except ValidationError as error:

@@ -180,11 +180,30 @@ TASKS: dict[str, Callable[..., TaskData]] = {
 }
 
 
-def load_task(name: str, train_size: int | None, split_seed: int = 0) -> TaskData:
-    """Load a task by its CLI name."""
+def _subsample(split: TextSplit, count: int | None, seed: int) -> TextSplit:
+    """A seeded random subsample of ``count`` examples (all of them when ``count`` is None or larger)."""
+    if count is None or count >= len(split):
+        return split
+    keep = sorted(random.Random(seed).sample(range(len(split)), count))
+    groups = [split.groups[i] for i in keep] if split.groups is not None else None
+    return TextSplit([split.texts[i] for i in keep], [split.labels[i] for i in keep], groups)
+
+
+def load_task(name: str, train_size: int | None, split_seed: int = 0, eval_size: int | None = None) -> TaskData:
+    """Load a task by its CLI name; ``eval_size`` subsamples validation and test (smoke runs only: the scores of
+    a subsample are not comparable with the whole split's)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
-    return TASKS[name](train_size=train_size, split_seed=split_seed)
+    task = TASKS[name](train_size=train_size, split_seed=split_seed)
+    if eval_size is None:
+        return task
+    return TaskData(
+        task.name,
+        task.label_names,
+        task.train,
+        _subsample(task.validation, eval_size, split_seed),
+        _subsample(task.test, eval_size, split_seed),
+    )
 
 
 # --- Tokenisation and batching -------------------------------------------------------------------------

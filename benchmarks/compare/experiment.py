@@ -46,6 +46,9 @@ class TaskConfig(Strict):
     train_size: int | None = Field(default=None, gt=0, description="subsample of the training split")
     max_length: int = Field(default=128, gt=0, description="tokens per example after truncation")
     split_seed: int = 0
+    eval_size: int | None = Field(
+        default=None, gt=0, description="subsample validation/test (smoke runs; scores then not comparable)"
+    )
 
 
 class Budget(Strict):
@@ -95,6 +98,19 @@ class Experiment(Strict):
     task: TaskConfig
     budget: Budget
     arms: list[Arm] = Field(min_length=1)
+    default_arms: list[str] | None = Field(
+        default=None,
+        description="the arms a run without --methods trains (to keep the default run short); "
+        "`--methods all` trains every arm of the file. None: every arm",
+    )
+
+    @model_validator(mode="after")
+    def _default_arms_exist(self) -> Experiment:
+        known = [arm.name for arm in self.arms]
+        unknown = [name for name in self.default_arms or [] if name not in known]
+        if unknown:
+            raise ValueError(f"default_arms names {unknown}, which are not arms of this file; arms: {known}")
+        return self
 
     @field_validator("arms")
     @classmethod

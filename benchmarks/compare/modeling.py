@@ -87,14 +87,21 @@ def prepare_arm(model: nn.Module, arm: Arm, seed: int) -> nn.Module:
 
 
 def merged_copy(model: nn.Module, arm: Arm) -> nn.Module | None:
-    """A copy with the adapters folded into the weights, or None when the arm has nothing to merge."""
+    """A copy with the adapters folded into the weights, or None when the arm has nothing to merge or a method
+    that cannot be merged (adapter layers, prefix and prompt tuning: their latency is what "unmerged" shows)."""
     if arm.is_full:
+        return None
+    import peftkit
+
+    if arm.peer != "peft" and not all(
+        peftkit.get_method(entry["method"]).capabilities.mergeable
+        for entries in arm.spec["adapters"].values()
+        for entry in entries
+    ):
         return None
     merged = copy.deepcopy(model)
     if arm.peer == "peft":
         return merged.merge_and_unload()
-    import peftkit
-
     return peftkit.merge(merged)
 
 

@@ -164,6 +164,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"### {experiment['name']}: {task['name']}, {budget['steps']} steps × batch {budget['batch_size']}, "
         f"seeds {budget['seeds']}",
         "",
+        *(
+            [f"**Scored on a subsample of {task['eval_size']} examples (a smoke run): not comparable.**", ""]
+            if task.get("eval_size")
+            else []
+        ),
         f"`{env['command']}` — {env['device']} ({env['cuda_device'] or env['cpu']}), {env['threads']} threads, "
         f"{env['dtype']}, torch {env['versions']['torch']}, transformers {env['versions']['transformers']}, "
         f"peftkit {env['versions']['peftkit']}, {env['utc']}",

@@ -35,7 +35,7 @@ class Setup:
         if job.get("threads"):
             torch.set_num_threads(int(job["threads"]))
         task = self.experiment.task
-        self.task = data.load_task(task.name, task.train_size, task.split_seed)
+        self.task = data.load_task(task.name, task.train_size, task.split_seed, task.eval_size)
         self.tokenizer = modeling.load_tokenizer(self.experiment.model)
         self.pad_id = self.tokenizer.pad_token_id
         self.train_set = data.encode(self.tokenizer, self.task.train, task.max_length)
