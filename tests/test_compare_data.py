@@ -78,9 +78,65 @@ def test_reuters_r8_has_the_standard_split_and_eight_topics():
     assert len(task.label_names) == 8 and "earn" in task.label_names
 
 
-def test_r8_generation_is_refused_with_a_message_naming_the_supported_tasks():
-    with pytest.raises(NotImplementedError, match=r"not yet supported.*rt-sentiment"):
-        data.load_task("r8-generation", None)
+@needs_orange_text
+def test_r8_generation_has_the_r8_splits_and_an_eval_subsample_when_asked():
+    task = data.load_task("r8-generation", 100, eval_size=50)
+    assert len(task.train) == 100 and len(task.validation) == 50 and len(task.test) == 50
+    assert task.label_names == data.load_reuters_r8().label_names
+
+
+class _Words:
+    """A stand-in tokenizer: one id per character (so lengths are easy to reason about), eos 0."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return ["".join(chr(i) for i in row if i != 0) for row in rows]
+
+
+@given(
+    texts=st.lists(st.text(alphabet="abcdef ", min_size=0, max_size=80), min_size=1, max_size=6),
+    max_length=st.integers(30, 90),
+)
+def test_generation_rows_train_only_on_the_answer_and_fit_max_length(texts, max_length):
+    names = ["acq", "earn"]
+    split = data.TextSplit(texts, [i % 2 for i in range(len(texts))])
+    encoded = data.encode_generation(_Words(), split, names, max_length)
+    batch = data.collate(encoded, list(range(len(texts))), pad_id=0)
+    for row, (ids, start) in enumerate(zip(encoded.input_ids, encoded.answer_starts)):
+        assert len(ids) <= max_length
+        answer = [ord(c) for c in " " + names[split.labels[row]]] + [0]
+        assert ids[start:] == answer
+        trained = [t for t in batch["labels"][row].tolist() if t != data.IGNORE_INDEX]
+        assert trained == answer  # the answer and its end-of-text, nothing of the prompt or the padding
+    for prompts, gold in data.prompt_batches(encoded, 4, pad_id=0):
+        assert (prompts["attention_mask"][:, -1] == 1).all()  # left-padded: every prompt ends at the last column
+        assert len(gold) == prompts["input_ids"].shape[0]
+
+
+def test_generated_topics_are_scored_by_exact_match():
+    import torch
+    from peftkit_benchmarks.compare import train
+
+    names = ["acq", "earn", "trade"]
+    written = [" earn\nmore", " trade", " tra", "acq"]  # exact, exact, near miss, exact (leading space optional)
+
+    class Writer(torch.nn.Module):
+        def generate(self, input_ids, attention_mask, **kwargs):
+            rows = [[ord(c) for c in text] for text in written]
+            width = max(map(len, rows))
+            tail = torch.tensor([row + [0] * (width - len(row)) for row in rows])
+            return torch.cat([input_ids, tail], dim=1)
+
+    prompts = {"input_ids": torch.ones(4, 3, dtype=torch.long), "attention_mask": torch.ones(4, 3, dtype=torch.long)}
+    tokenizer = _Words()
+    tokenizer.pad_token_id = 0
+    predicted, gold = train.generate_labels(Writer(), [(prompts, [1, 2, 2, 0])], tokenizer, names, torch.device("cpu"))
+    assert predicted == [1, 2, -1, 0]
+    assert train.accuracy(predicted, gold) == 0.75
 
 
 def _encoded(lengths: list[int]) -> data.Encoded:

