@@ -1,7 +1,8 @@
 """Training checkpoints that survive a crash at any moment.
 
 A checkpoint is a folder: ``adapter.safetensors`` + ``spec.json`` (as :func:`peftkit.save` writes them) and
-``state.pt`` (optimiser, scheduler, step and RNG states: tensors and plain numbers, read back with
+``state.pt`` (step, scheduler, the optimiser state keyed by parameter name so that any number of processes can
+resume it, and one set of RNG states per process: tensors and plain numbers, read back with
 ``torch.load(weights_only=True)``, which unpickles no code). It is written as ``checkpoint.new/`` with every file
 fsynced and a ``COMPLETE`` marker last, then swapped in by two renames (``checkpoint`` -> ``checkpoint.old``,
 ``checkpoint.new`` -> ``checkpoint``). Whatever instant a crash hits, one complete checkpoint remains:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -50,7 +51,8 @@ def _train(args: argparse.Namespace) -> int:
 
     config = TrainConfig.from_file(args.config)
     result = train(config, Path(args.config).resolve().parent, progress=not args.no_progress)
-    print(f"trained {result.steps} steps (resumed from {result.resumed_from}); adapters in {result.adapters}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch, rank 0 speaks for all
+        print(f"trained {result.steps} steps (resumed from {result.resumed_from}); adapters in {result.adapters}")
     return 0
 
 

@@ -59,13 +59,17 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(temporary)
 
 
-def save(model: nn.Module, directory: str | Path) -> Path:
-    """Write the model's adapters (and ``trainable`` modules) and its spec to ``directory``; nothing else."""
+def save(model: nn.Module, directory: str | Path, *, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the model's adapters (and ``trainable`` modules) and its spec to ``directory``; nothing else.
+
+    ``tensors`` replaces the model's own adapter tensors (same keys), for a model whose parameters are shards that
+    were gathered first (``peftkit train`` under FSDP2).
+    """
     state = require_state(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, tensor in _saved_parameters(model).items():
+    source, tensors = (_saved_parameters(model) if tensors is None else tensors), {}
+    for name, tensor in source.items():
         if tensor.is_meta:
             raise CheckpointError(f"{name} is on the meta device; materialise the model before saving")
         tensors[name] = tensor.detach().to("cpu").contiguous().clone()

@@ -45,6 +45,14 @@ class ScheduleConfig(_Strict):
     warmup_steps: int = Field(default=0, ge=0)
 
 
+class DistributedConfig(_Strict):
+    """How to split the work when launched as several processes (``torchrun``, ``accelerate launch``)."""
+
+    strategy: Literal["ddp", "fsdp2"] = Field(
+        default="ddp", description="ddp: every process holds the whole model; fsdp2: parameters sharded per block"
+    )
+
+
 class TrainConfig(_Strict):
     model: ModelConfig
     data: DataConfig
@@ -59,6 +67,9 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(default=50, gt=0)
     eval_every: int | None = Field(default=None, gt=0)
     log_every: int = Field(default=10, gt=0)
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="read only when WORLD_SIZE > 1; batch_size stays global"
+    )
 
     @model_validator(mode="after")
     def _spec_validates(self) -> TrainConfig:

@@ -5,6 +5,9 @@ and nothing in the output folder is overwritten until a step has been trained. B
 seed and the step (a fresh permutation of the data per epoch), so the data position is just the step; together
 with the optimiser, scheduler and RNG states in each checkpoint, a resumed run computes exactly what the
 uninterrupted run would have.
+
+Under ``torchrun`` or ``accelerate launch`` the same function runs on every process, each on its share of the
+global batch (:mod:`peftkit.distributed` holds the collective parts).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit import checkpointing
+from peftkit import checkpointing, distributed
 from peftkit.attach import attach
+from peftkit.distributed import Runtime
 from peftkit.errors import CheckpointError, PeftkitError
 from peftkit.io import SPEC_FILE, WEIGHTS_FILE, _read_shapes, _saved_parameters, read_spec, save
 from peftkit.train_config import TrainConfig
@@ -143,10 +147,28 @@ def _resume_checkpoint(output: Path, model: nn.Module) -> tuple[dict[str, Any] |
 
 
 def train(config: TrainConfig, config_dir: Path = Path("."), *, progress: bool = True, log=print) -> TrainResult:
-    """Train as the config says, resuming from the output folder's checkpoint when there is one."""
+    """Train as the config says, resuming from the output folder's checkpoint when there is one.
+
+    Launched as N processes (``WORLD_SIZE > 1``), each rank trains on its share of every global batch under
+    DDP or FSDP2 (``config.distributed.strategy``); rank 0 alone logs and writes.
+    """
+    with distributed.session() as runtime:
+        return _train(config, config_dir, runtime, progress=progress, log=log if runtime.is_main else _quiet)
+
+
+def _quiet(*_: Any) -> None:
+    pass
+
+
+def _train(config: TrainConfig, config_dir: Path, runtime: Runtime, *, progress: bool, log) -> TrainResult:
     output = Path(config.output)
     output = output if output.is_absolute() else config_dir / output
     spec = config.resolved_spec(config_dir)
+    if config.batch_size < runtime.world_size:
+        raise PeftkitError(
+            f"batch_size {config.batch_size} is the global batch and cannot be split over {runtime.world_size} "
+            f"processes; make it at least {runtime.world_size}"
+        )
     texts = _read_texts(
         config_dir / config.data.train if not Path(config.data.train).is_absolute() else Path(config.data.train),
         config.data.text_field,
@@ -158,52 +180,69 @@ def train(config: TrainConfig, config_dir: Path = Path("."), *, progress: bool =
             eval_path if eval_path.is_absolute() else config_dir / eval_path, config.data.text_field
         )
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same on every rank: every rank builds the same base and adapters
     random.seed(config.seed)
     model = _build_model(config)
     attach(model, spec)  # a spec that does not fit the model fails here, before anything is written
+    if config.precision == "bf16":  # AdamW on float32 adapters over a bf16 base: autocast mixes the two
+        for parameter in model.parameters():
+            if parameter.requires_grad and parameter.dtype in (torch.bfloat16, torch.float16):
+                parameter.data = parameter.data.float()
     tokens = Tokens(config.data.tokenizer, model.config.vocab_size, config.data.max_length)
     dataset = [tokens(t) for t in texts]
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        parameters, lr=config.optimizer.lr, betas=config.optimizer.betas, weight_decay=config.optimizer.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
 
+    if runtime.distributed:  # dropout masks differ per rank, as they would across the rows of one batch
+        torch.manual_seed(config.seed + 1_000_003 * runtime.rank)
+        random.seed(config.seed + 1_000_003 * runtime.rank)
     start = 0
     state, folder = _resume_checkpoint(output, model)
-    if state is not None:
+    if state is not None:  # weights go in before sharding, so FSDP2 shards the resumed values
         with torch.no_grad():
             from safetensors.torch import load_file
 
             for key, tensor in load_file(folder / WEIGHTS_FILE).items():
                 _saved_parameters(model)[key].copy_(tensor)
-        optimizer.load_state_dict(state["optimizer"])
+    net = distributed.wrap(model, config.distributed.strategy, runtime)
+    parameters = [p for p in net.parameters() if p.requires_grad]  # after wrap: FSDP2 swaps in DTensors
+    optimizer = torch.optim.AdamW(
+        parameters, lr=config.optimizer.lr, betas=config.optimizer.betas, weight_decay=config.optimizer.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    if state is not None:
+        distributed.load_optimizer_state(net, optimizer, state["optimizer"], runtime)
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate((state["python_rng"][0], tuple(state["python_rng"][1]), state["python_rng"][2]))
+        if len(state["rng"]) == runtime.world_size:
+            _set_rng_state(state["rng"][runtime.rank])
+        else:
+            log(f"checkpoint written by {len(state['rng'])} processes: dropout RNG streams start afresh")
         start = int(state["step"])
         log(f"resuming from {folder} at step {start}")
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16")
-    model.train()
+    autocast = torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    net.train()
     bar = None
-    if progress:
+    if progress and runtime.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=start, desc="train", unit="step")
     loss_value, began, seen_tokens = float("nan"), time.perf_counter(), 0
+    eval_set = None
     for step in range(start, config.steps):
         batch = batch_at(dataset, step, config.batch_size, config.seed)
+        # Every rank builds the same global batch, so its target count needs no all-reduce. Each rank's loss is
+        # its targets' summed loss over the global count, times world_size because DDP and FSDP2 average
+        # gradients over ranks: N processes then take the step one process takes on the whole batch.
+        targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        local = {k: v.to(runtime.device) for k, v in distributed.local_rows(batch, runtime).items()}
         with autocast:
-            loss = model(**batch).loss
+            loss = net(**local, num_items_in_batch=targets.to(runtime.device)).loss * runtime.world_size
         loss.backward()
         if config.optimizer.grad_clip:
-            torch.nn.utils.clip_grad_norm_(parameters, config.optimizer.grad_clip)
+            distributed.clip_grad_norm_(parameters, config.optimizer.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
+        loss_value = distributed.all_reduce_sum(loss.detach(), runtime).item() / runtime.world_size
         seen_tokens += int(batch["attention_mask"].sum())
         done = step + 1
         if bar is not None:
@@ -221,35 +260,57 @@ def train(config: TrainConfig, config_dir: Path = Path("."), *, progress: bool =
                     }
                 )
             )
+        if eval_texts and config.eval_every and done % config.eval_every == 0 and done < config.steps:
+            eval_set = eval_set if eval_set is not None else [tokens(t) for t in eval_texts]
+            log(json.dumps({"step": done, "eval_loss": round(_evaluate(model, eval_set, config, runtime), 6)}))
         if done % config.checkpoint_every == 0 and done < config.steps:
-            _checkpoint(output, model, optimizer, scheduler, done)
+            _checkpoint(output, model, net, optimizer, scheduler, done, runtime)
     if bar is not None:
         bar.close()
-    eval_loss = _evaluate(model, [tokens(t) for t in eval_texts], config) if eval_texts else None
+    eval_loss = _evaluate(model, [tokens(t) for t in eval_texts], config, runtime) if eval_texts else None
     if eval_loss is not None:
         log(json.dumps({"eval_loss": round(eval_loss, 6)}))
-    final = save(model, output / "adapters")
-    _checkpoint(output, model, optimizer, scheduler, config.steps)
-    return TrainResult(config.steps, start, loss_value, eval_loss, final)
+    tensors = distributed.full_tensors(_saved_parameters(model))
+    distributed.on_main(runtime, lambda: save(model, output / "adapters", tensors=tensors))
+    _checkpoint(output, model, net, optimizer, scheduler, config.steps, runtime)
+    return TrainResult(config.steps, start, loss_value, eval_loss, output / "adapters")
 
 
-def _checkpoint(output: Path, model: nn.Module, optimizer, scheduler, step: int) -> None:
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _checkpoint(output: Path, model: nn.Module, net: nn.Module, optimizer, scheduler, step: int, runtime) -> None:
+    """Gather on every rank (collectives), write on rank 0, and return on every rank once the write is done."""
+    tensors = distributed.full_tensors(_saved_parameters(model))
     state = {
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": distributed.optimizer_state(net, optimizer),
         "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "python_rng": list(random.getstate()),
+        "rng": distributed.gather_objects(_rng_state(), runtime),  # one per rank, restored when N matches
     }
-    checkpointing.write(output, lambda folder: save(model, folder), state)
+    distributed.on_main(
+        runtime, lambda: checkpointing.write(output, lambda folder: save(model, folder, tensors=tensors), state)
+    )
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, dataset: list[list[int]], config: TrainConfig) -> float:
+def _evaluate(model: nn.Module, dataset: list[list[int]], config: TrainConfig, runtime: Runtime) -> float:
+    """The mean token loss over the eval set; every rank evaluates all of it (FSDP2 needs every rank's forward)."""
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(dataset), config.batch_size):
-        batch = _batch(dataset[start : start + config.batch_size])
+        batch = {k: v.to(runtime.device) for k, v in _batch(dataset[start : start + config.batch_size]).items()}
         tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         total += model(**batch).loss.item() * tokens
         count += tokens

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 import peftkit
+import peftkit.zoo
 from peftkit import checkpointing
 from peftkit.train_config import TrainConfig
 from peftkit.training import train
@@ -156,3 +159,36 @@ def test_bf16_autocast_trains_fp32_adapters(tmp_path):
     result = run(write_config(tmp_path, steps=4, precision="bf16"))
     assert all(t.dtype == torch.float32 for t in adapters(result.adapters).values())
     assert result.final_loss == result.final_loss  # not NaN
+
+
+def test_bf16_keeps_fp32_adapters_over_a_bf16_base(tmp_path):
+    peftkit.zoo.load_model("llama-tiny").to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    result = run(
+        write_config(tmp_path, steps=2, precision="bf16", model={"name": str(tmp_path / "base"), "pretrained": True})
+    )
+    assert all(t.dtype == torch.float32 for t in adapters(result.adapters).values())
+    assert result.final_loss == result.final_loss  # not NaN
+
+
+def test_the_yaml_in_docs_training_is_a_valid_config():
+    page = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", page, re.S)
+    assert blocks, "docs/training.md shows no YAML"
+    full = TrainConfig.model_validate(yaml.safe_load(blocks[0]))
+    assert full.precision == "bf16" and full.distributed.strategy == "ddp"
+    for block in blocks[1:]:  # fragments: each must fit into the full example
+        TrainConfig.model_validate({**yaml.safe_load(blocks[0]), **yaml.safe_load(block)})
+
+
+def test_eval_every_logs_the_eval_loss_during_training_and_at_the_end(tmp_path):
+    config = write_config(tmp_path, steps=6, eval_every=2)
+    (tmp_path / "eval.txt").write_text("the movie was fun\nthe plot was long\n")
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["eval"] = "eval.txt"
+    config.write_text(yaml.safe_dump(raw))
+    lines: list[str] = []
+    result = train(TrainConfig.from_file(config), tmp_path, progress=False, log=lines.append)
+    evaluated = [json.loads(line) for line in lines if "eval_loss" in line]
+    assert [entry.get("step") for entry in evaluated] == [2, 4, None]  # during training, then the final one
+    assert all(entry["eval_loss"] > 0 for entry in evaluated)
+    assert round(result.eval_loss, 6) == evaluated[-1]["eval_loss"]
