@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -44,7 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peftkit_benchmarks.lora_overhead import environment, paired_ratio, round_robin
+from peftkit_benchmarks.common import environment, run_and_report
+from peftkit_benchmarks.lora_overhead import paired_ratio, round_robin
 from torch import nn
 
 import peftkit
@@ -448,14 +448,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    report = measure(args)
-    print(markdown(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-    return report
+    return run_and_report(parse_args(argv), measure, markdown)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peftkit_benchmarks.common import environment, run_and_report
 
 import peftkit
 
@@ -44,46 +44,10 @@ def lora_spec(rank: int) -> dict[str, Any]:
 
 def build_meta_llama(layers: int) -> torch.nn.Module:
     """Llama-2-7B's shape on the meta device; ``layers`` < 32 only to make smoke runs quick."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from peftkit.zoo import TINY_MODELS
 
-    config = LlamaConfig(
-        num_hidden_layers=layers,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-    )
     with torch.device("meta"):
-        return LlamaForCausalLM(config)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment() -> dict[str, Any]:
-    """What a reader needs to compare two runs of this script."""
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peftkit": peftkit.__version__,
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+        return TINY_MODELS["llama-7b-shape"](num_hidden_layers=layers)
 
 
 def rss_bytes() -> int:
@@ -314,16 +278,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     if args.cold_child:
+        torch.set_num_threads(args.threads)
         cold_child(args.cold_child, args.layers, args.rank)
         return None
-    report = measure(args)
-    print(markdown(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-    return report
+    return run_and_report(args, measure, markdown)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import multiprocessing
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -34,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peftkit_benchmarks.common import environment, run_and_report
 from torch import nn
 
 import peftkit
@@ -331,33 +329,6 @@ def training_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
 # --- report ------------------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment() -> dict[str, Any]:
-    """What a reader needs to compare two runs of this script."""
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peftkit": peftkit.__version__,
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
 def verdicts(inference: list[dict], training: list[dict], memory: list[dict]) -> dict[str, dict[str, Any]]:
     """Each target against its worst measured case."""
     worst = {
@@ -486,14 +457,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    report = measure(args)
-    print(markdown(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-    return report
+    return run_and_report(parse_args(argv), measure, markdown)
 
 
 if __name__ == "__main__":

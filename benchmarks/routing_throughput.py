@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,8 @@ from typing import Any
 
 import torch
 from peftkit_benchmarks.attach_time import peft_available
-from peftkit_benchmarks.lora_overhead import build_model, environment, paired_ratio, round_robin
+from peftkit_benchmarks.common import environment, run_and_report
+from peftkit_benchmarks.lora_overhead import build_model, paired_ratio, round_robin
 from torch import nn
 
 import peftkit
@@ -312,14 +312,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    report = measure(args)
-    print(markdown(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-    return report
+    return run_and_report(parse_args(argv), measure, markdown)
 
 
 if __name__ == "__main__":

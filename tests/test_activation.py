@@ -75,7 +75,10 @@ def test_a_routed_batch_equals_each_example_alone_with_its_adapter(family, names
         peftkit.activate(model, [] if name is None else [name])
         with torch.no_grad():
             alone = model(input_ids=ids[row : row + 1])[0][0]
-        torch.testing.assert_close(routed[row], alone, rtol=1e-5, atol=1e-5)
+        # The routed path adds the update with one batched matmul, the single path in place into the host's
+        # output: the same sums in another fp32 order. With randomised (large) adapters that is ~1e-5 apart; a
+        # wrong adapter on a row is O(1) apart.
+        torch.testing.assert_close(routed[row], alone, rtol=1e-4, atol=1e-4)
 
 
 def test_lora_routing_is_batched(monkeypatch):

@@ -6,31 +6,14 @@ Nothing about speed is asserted: the quick shapes are tiny, where Python overhea
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "adapter_latency.py"
 VARIANTS = {"base", "lora_merged", "lora", "houlsby", "pfeiffer", "parallel", "ia3_merged", "ia3"}
 
 
-def test_adapter_latency_quick_writes_a_positive_ratio_for_every_variant_and_shape(tmp_path: Path) -> None:
-    out = tmp_path / "adapter_latency.json"
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "| variant |" in done.stdout, "the script should print a markdown table"
-
-    report = json.loads(out.read_text())
+def test_adapter_latency_quick_writes_a_positive_ratio_for_every_variant_and_shape(run_quick_benchmark) -> None:
+    stdout, report = run_quick_benchmark("adapter_latency")
+    assert "| variant |" in stdout, "the script should print a markdown table"
     assert report["benchmark"] == "adapter_latency"
     assert set(report["environment"]) >= {"torch", "transformers", "cpu", "torch_threads", "date_utc", "device"}
     assert report["environment"]["torch_threads"] == 1

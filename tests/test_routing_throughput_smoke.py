@@ -7,30 +7,12 @@ positive, and the routed logits agree with HF PEFT's mixed batch where PEFT is i
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "routing_throughput.py"
 ENVIRONMENT_FIELDS = {"torch", "transformers", "cpu", "torch_threads", "date_utc"}
 
 
-def test_routing_throughput_quick_writes_positive_throughputs(tmp_path: Path) -> None:
-    out = tmp_path / "routing_throughput.json"
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "| adapters |" in done.stdout, "the script should print a markdown table"
-
-    report = json.loads(out.read_text())
+def test_routing_throughput_quick_writes_positive_throughputs(run_quick_benchmark) -> None:
+    stdout, report = run_quick_benchmark("routing_throughput")
+    assert "| adapters |" in stdout, "the script should print a markdown table"
     assert report["benchmark"] == "routing_throughput"
     assert set(report["environment"]) >= ENVIRONMENT_FIELDS
     assert report["environment"]["torch_threads"] == 1
