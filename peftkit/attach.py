@@ -74,46 +74,52 @@ def require_state(model: nn.Module) -> ModelState:
     return state
 
 
+# Hooks are partials of module-level functions, never closures: copy.deepcopy(model) deep-copies a partial's
+# arguments with the model (the copy's hooks then drive the copy's state and adapters), but shares a closure's.
 def _make_hook(state: ModelState):
-    def run_adapters(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-        container = getattr(module, ADAPTER_CONTAINER)
-        running = [a for n, a in container.items() if n in state.active and not a.merged]
-        if not running and state.routing is None:
-            return None
-        x = first_input(args, kwargs)
-        hidden = out if isinstance(out, torch.Tensor) else out[0]  # sub-layers may return (hidden, weights, ...)
-        if state.routing is not None:
-            from peftkit.activation import routed_output
+    return functools.partial(_run_adapters, state)
 
-            hidden = routed_output(container, state.routing, x, hidden)
-        elif state.spec.compose:
-            hidden = compose_output(container, state.spec.compose, state.active, x, hidden)
-        else:
-            for adapter in running:
-                hidden = adapter(x, hidden)
-        if isinstance(out, torch.Tensor):
-            return hidden
-        return (hidden, *out[1:]) if isinstance(out, tuple) else type(out)([hidden, *out[1:]])
 
-    return run_adapters
+def _run_adapters(state: ModelState, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    container = getattr(module, ADAPTER_CONTAINER)
+    running = [a for n, a in container.items() if n in state.active and not a.merged]
+    if not running and state.routing is None:
+        return None
+    x = first_input(args, kwargs)
+    hidden = out if isinstance(out, torch.Tensor) else out[0]  # sub-layers may return (hidden, weights, ...)
+    if state.routing is not None:
+        from peftkit.activation import routed_output
+
+        hidden = routed_output(container, state.routing, x, hidden)
+    elif state.spec.compose:
+        hidden = compose_output(container, state.spec.compose, state.active, x, hidden)
+    else:
+        for adapter in running:
+            hidden = adapter(x, hidden)
+    if isinstance(out, torch.Tensor):
+        return hidden
+    return (hidden, *out[1:]) if isinstance(out, tuple) else type(out)([hidden, *out[1:]])
 
 
 def _make_input_hook(state: ModelState, name: str, adapter: Adapter):
-    def transform(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if (name not in state.active and state.routing is None) or adapter.merged:
-            return None
-        if state.routing is not None:
-            from peftkit.activation import routed_input
+    return functools.partial(_transform_input, state, name, adapter)
 
-            change = functools.partial(routed_input, adapter, name, state.routing)
-        else:
-            change = adapter.transform_input
-        if args:
-            return (change(args[0]), *args[1:]), kwargs
-        key = "hidden_states" if "hidden_states" in kwargs else next(k for k, v in kwargs.items() if torch.is_tensor(v))
-        return args, {**kwargs, key: change(kwargs[key])}
 
-    return transform
+def _transform_input(
+    state: ModelState, name: str, adapter: Adapter, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    if (name not in state.active and state.routing is None) or adapter.merged:
+        return None
+    if state.routing is not None:
+        from peftkit.activation import routed_input
+
+        change = functools.partial(routed_input, adapter, name, state.routing)
+    else:
+        change = adapter.transform_input
+    if args:
+        return (change(args[0]), *args[1:]), kwargs
+    key = "hidden_states" if "hidden_states" in kwargs else next(k for k, v in kwargs.items() if torch.is_tensor(v))
+    return args, {**kwargs, key: change(kwargs[key])}
 
 
 def plan(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path) -> Plan:

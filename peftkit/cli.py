@@ -110,7 +110,9 @@ def _fail(message: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftkit", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="peftkit", description="peftkit: composable parameter-efficient fine-tuning. Docs: README.md and docs/."
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
 
     plan = subparsers.add_parser("plan", help="dry run: which module gets which adapter, with parameter counts")

@@ -78,11 +78,11 @@ class SublayerSite:
         """Extra hooks this site needs; a sub-layer read at another module's entry records that module's input."""
         if self.source is None:
             return []
+        # a bound method, not a closure: copy.deepcopy(model) rebinds it to the copy's site
+        return [self.source.register_forward_pre_hook(self._record, with_kwargs=True)]
 
-        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            self._captured = first_input(args, kwargs)
-
-        return [self.source.register_forward_pre_hook(record, with_kwargs=True)]
+    def _record(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._captured = first_input(args, kwargs)
 
     def sublayer_input(self, x: torch.Tensor) -> torch.Tensor:
         """The sub-layer's input for this call (the host's own input unless it is read elsewhere)."""
