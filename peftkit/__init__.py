@@ -29,6 +29,7 @@ from peftkit.errors import (
 from peftkit.io import load, read_spec, save
 from peftkit.method import Adapter, Capabilities, Method, MethodConfig
 from peftkit.peft_format import from_peft, to_peft
+from peftkit.precision import merge_error
 from peftkit.registry import get_method, known_methods, register_method, registered, unregister_method
 from peftkit.spec import Spec
 from peftkit.targeting import Plan, PlanRow
@@ -63,6 +64,7 @@ __all__ = [
     "load",
     "merge",
     "merge_and_detach",
+    "merge_error",
     "plan",
     "read_spec",
     "register_method",

@@ -309,6 +309,15 @@ def merge(model: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
     Refused up front, before any weight changes, if a chosen adapter's method is not mergeable.
     """
     state = require_state(model)
+    for attached in mergeable_choice(state, names):
+        if not attached.module.merged:
+            attached.module.merge()
+            attached.module.merged = True
+    return model
+
+
+def mergeable_choice(state: ModelState, names: Iterable[str] | None) -> list[AttachedAdapter]:
+    """The active (or named) adapters, refused up front, before any weight changes, if one cannot be merged."""
     chosen = [a for a in state.adapters(names) if names is not None or a.adapter_name in state.active]
     weighted = {n for c in state.spec.compose if c.rule in {"gate", "average"} for n in c.adapters}
     refused = sorted({(a.adapter_name, a.method.name) for a in chosen if not a.method.capabilities.mergeable})
@@ -320,11 +329,7 @@ def merge(model: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
             f"cannot merge {refused}: these methods are not mergeable (their capabilities say so); "
             "merge only the mergeable adapters by name, or run them unmerged"
         )
-    for attached in chosen:
-        if not attached.module.merged:
-            attached.module.merge()
-            attached.module.merged = True
-    return model
+    return chosen
 
 
 def unmerge(model: nn.Module, names: Iterable[str] | None = None) -> nn.Module:

@@ -28,6 +28,7 @@ from peftkit.attach import attach
 from peftkit.distributed import Runtime
 from peftkit.errors import CheckpointError, PeftkitError
 from peftkit.io import SPEC_FILE, WEIGHTS_FILE, _read_shapes, _saved_parameters, read_spec, save
+from peftkit.precision import merge_error
 from peftkit.train_config import TrainConfig
 
 IGNORE_INDEX = -100
@@ -123,6 +124,9 @@ class TrainResult:
     final_loss: float
     eval_loss: float | None
     adapters: Path
+    # what merging the adapters into this base would lose to its dtype (largest |merged - exact|); None where the
+    # adapters cannot be merged or the base is sharded across processes
+    merge_error: float | None = None
 
 
 def _resume_checkpoint(output: Path, model: nn.Module) -> tuple[dict[str, Any] | None, Path | None]:
@@ -273,7 +277,21 @@ def _train(config: TrainConfig, config_dir: Path, runtime: Runtime, *, progress:
     tensors = distributed.full_tensors(_saved_parameters(model))
     distributed.on_main(runtime, lambda: save(model, output / "adapters", tensors=tensors))
     _checkpoint(output, model, net, optimizer, scheduler, config.steps, runtime)
-    return TrainResult(config.steps, start, loss_value, eval_loss, output / "adapters")
+    error = _merge_error(model, runtime)
+    if error is not None:
+        log(json.dumps({"merge_error_max_abs": error, "base_dtype": str(next(model.parameters()).dtype)}))
+    return TrainResult(config.steps, start, loss_value, eval_loss, output / "adapters", error)
+
+
+def _merge_error(model: nn.Module, runtime: Runtime) -> float | None:
+    """The largest error a later merge would leave in the base weights (bf16 bases round), when one is possible."""
+    if runtime.distributed:
+        return None
+    try:
+        errors = merge_error(model)
+    except PeftkitError:  # adapter layers, prefixes, prompts: nothing to merge
+        return None
+    return max(errors.values(), default=0.0)
 
 
 def _rng_state() -> dict[str, Any]:

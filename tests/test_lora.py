@@ -13,6 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import peftkit
+import peftkit.testing
 from peftkit.zoo import build_model
 
 
@@ -163,3 +164,29 @@ def test_merge_and_detach_refuses_an_unmergeable_adapter_and_changes_nothing() -
         peftkit.merge_and_detach(model)
     assert hasattr(model, "_peftkit_state")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(("dtype", "largest"), [(torch.float32, 1e-6), (torch.bfloat16, 5e-2)])
+def test_merge_error_reports_the_rounding_a_merge_would_leave_and_changes_nothing(dtype, largest) -> None:
+    model = build_model("llama-tiny").to(dtype)
+    peftkit.attach(model, {"adapters": {"default": [{"method": "lora", "target": ["q_proj", "v_proj"], "r": 4}]}})
+    peftkit.testing.randomise_adapters(model, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    errors = peftkit.merge_error(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # measured, not merged
+    assert set(errors) == {p for p, _ in model.named_modules() if p.endswith(("q_proj", "v_proj"))}
+    assert all(0 <= e <= largest for e in errors.values())
+    if dtype == torch.bfloat16:
+        assert max(errors.values()) > 0  # bf16 rounds the merged weights
+        host = model.model.layers[0].self_attn.q_proj
+        exact = host.weight.double() + host.peftkit_adapters["default"].delta_weight().double()
+        peftkit.merge(model)  # the reported error is what merging then leaves
+        measured = (host.weight.double() - exact).abs().max().item()
+        assert measured == pytest.approx(errors["model.layers.0.self_attn.q_proj"], rel=1e-6, abs=1e-12)
+        peftkit.unmerge(model)
+
+
+def test_merge_error_refuses_what_cannot_be_merged() -> None:
+    model = peftkit.attach(build_model("gpt2-tiny"), {"adapters": {"default": [{"method": "houlsby"}]}})
+    with pytest.raises(peftkit.AttachError, match="not mergeable"):
+        peftkit.merge_error(model)

@@ -192,3 +192,10 @@ def test_eval_every_logs_the_eval_loss_during_training_and_at_the_end(tmp_path):
     assert [entry.get("step") for entry in evaluated] == [2, 4, None]  # during training, then the final one
     assert all(entry["eval_loss"] > 0 for entry in evaluated)
     assert round(result.eval_loss, 6) == evaluated[-1]["eval_loss"]
+
+
+def test_training_reports_what_a_merge_into_its_base_would_lose(tmp_path):
+    lines: list[str] = []
+    result = train(TrainConfig.from_file(write_config(tmp_path, steps=2)), tmp_path, progress=False, log=lines.append)
+    assert result.merge_error is not None and 0 <= result.merge_error < 1e-5  # an fp32 base
+    assert any("merge_error_max_abs" in line for line in lines)
