@@ -78,16 +78,21 @@ def save(model: nn.Module, directory: str | Path, *, tensors: dict[str, torch.Te
     return directory
 
 
+def read_small_file(path: Path, max_bytes: int, holds: str) -> bytes:
+    """An untrusted config file's bytes, refused before parsing when missing (``holds`` says what the folder
+    should hold) or over ``max_bytes``."""
+    if not path.is_file():
+        raise CheckpointError(f"{str(path)!r} not found: {holds}")
+    if path.stat().st_size > max_bytes:
+        raise CheckpointError(f"{str(path)!r} is over {max_bytes} bytes; refusing to parse it")
+    return path.read_bytes()
+
+
 def read_spec(directory: str | Path) -> Spec:
     path = Path(directory) / SPEC_FILE
-    if not path.is_file():
-        raise CheckpointError(
-            f"{str(path)!r} not found: a peftkit checkpoint folder holds {SPEC_FILE} and {WEIGHTS_FILE}"
-        )
-    if path.stat().st_size > MAX_SPEC_BYTES:
-        raise CheckpointError(f"{str(path)!r} is over {MAX_SPEC_BYTES} bytes; refusing to parse it as a spec")
+    text = read_small_file(path, MAX_SPEC_BYTES, f"a peftkit checkpoint folder holds {SPEC_FILE} and {WEIGHTS_FILE}")
     try:
-        return Spec.from_json(path.read_bytes())
+        return Spec.from_json(text)
     except PeftkitError as error:
         raise CheckpointError(f"{str(path)!r}: {error}") from None
 

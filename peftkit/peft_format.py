@@ -25,7 +25,7 @@ from torch import nn
 
 from peftkit.attach import AttachedAdapter, attach, detach, get_state, require_state
 from peftkit.errors import CheckpointError, PeftkitError
-from peftkit.io import _atomic_write, _saved_parameters
+from peftkit.io import _atomic_write, _saved_parameters, read_small_file
 from peftkit.method import Method
 from peftkit.registry import get_method, known_methods
 from peftkit.spec import Spec
@@ -85,14 +85,9 @@ def module_path(model: nn.Module, module: nn.Module) -> str:
 # -- the core ---------------------------------------------------------------------------------------------------------
 def read_peft_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(
-            f"{str(path)!r} not found: a PEFT checkpoint folder holds {CONFIG_FILE} and {WEIGHTS_FILE}"
-        )
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise CheckpointError(f"{str(path)!r} is over {MAX_CONFIG_BYTES} bytes; refusing to parse it")
+    text = read_small_file(path, MAX_CONFIG_BYTES, f"a PEFT checkpoint folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
     try:
-        config = json.loads(path.read_bytes())
+        config = json.loads(text)
     except (ValueError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{str(path)!r} is not valid JSON: {error}") from None
     if not isinstance(config, dict):

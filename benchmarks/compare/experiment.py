@@ -52,7 +52,9 @@ class TaskConfig(Strict):
     max_length: int = Field(default=128, gt=0, description="tokens per example after truncation")
     split_seed: int = 0
     eval_size: int | None = Field(
-        default=None, gt=0, description="score on a seeded subsample of validation/test (smoke runs, slow generation on a CPU)"
+        default=None,
+        gt=0,
+        description="score on a seeded subsample of validation/test (smoke runs, slow generation on a CPU)",
     )
 
 
