@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -107,6 +108,55 @@ def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {error}") from None
 
 
+def check_fits(expected: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
+    """Refuse, naming them, missing keys, unexpected keys and shape mismatches, before any value is copied."""
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [
+        (k, shapes[k], tuple(expected[k].shape))
+        for k in expected
+        if k in shapes and tuple(shapes[k]) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    for key, found, wanted in wrong[:5]:
+        problems.append(f"shape mismatch for {key}: checkpoint has {list(found)}, model needs {list(wanted)}")
+    if problems:
+        raise CheckpointError(
+            f"{source} does not fit this model: "
+            + "; ".join(problems)
+            + ". Load it onto the architecture it was saved from."
+        )
+
+
+def fill(targets: Mapping[str, torch.Tensor], read: Callable[[str], torch.Tensor]) -> None:
+    """Copy ``read(key)`` into every target (checked by :func:`check_fits` first)."""
+    with torch.no_grad():
+        for key, target in targets.items():
+            target.copy_(read(key))
+
+
+def restore_adapter_weights(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Fill the adapters already attached to ``model`` from a ``save`` folder (resuming a run).
+
+    The folder's spec must equal the model's, and every key and shape must match, before any value is copied."""
+    directory = Path(directory)
+    state = require_state(model)
+    if read_spec(directory).to_dict() != state.spec.to_dict():
+        raise CheckpointError(
+            f"checkpoint {str(directory)!r} was saved with another spec than the model's; "
+            "attach the same spec before resuming"
+        )
+    expected = _saved_parameters(model)
+    check_fits(expected, _read_shapes(directory / WEIGHTS_FILE), f"checkpoint {str(directory)!r}")
+    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as stream:
+        fill(expected, stream.get_tensor)
+    return model
+
+
 def load(model: nn.Module, directory: str | Path) -> nn.Module:
     """Attach the checkpoint's spec to ``model`` and fill the adapters from its weights.
 
@@ -120,29 +170,9 @@ def load(model: nn.Module, directory: str | Path) -> nn.Module:
     attach(model, spec)
     try:
         expected = _saved_parameters(model, set(spec.adapters) - existing)
-        missing = sorted(set(expected) - set(shapes))
-        unexpected = sorted(set(shapes) - set(expected))
-        wrong = [
-            (k, shapes[k], tuple(expected[k].shape))
-            for k in expected
-            if k in shapes and shapes[k] != tuple(expected[k].shape)
-        ]
-        problems = []
-        if missing:
-            problems.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            problems.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        for key, found, wanted in wrong[:5]:
-            problems.append(f"shape mismatch for {key}: checkpoint has {list(found)}, model needs {list(wanted)}")
-        if problems:
-            raise CheckpointError(
-                f"checkpoint {str(directory)!r} does not fit this model: "
-                + "; ".join(problems)
-                + ". Load it onto the architecture it was saved from."
-            )
-        with safe_open(str(weights), framework="pt") as stream, torch.no_grad():
-            for key, target in expected.items():
-                target.copy_(stream.get_tensor(key))
+        check_fits(expected, shapes, f"checkpoint {str(directory)!r}")
+        with safe_open(str(weights), framework="pt") as stream:
+            fill(expected, stream.get_tensor)
     except BaseException:
         detach(model, list(spec.adapters))
         raise

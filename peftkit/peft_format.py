@@ -25,7 +25,7 @@ from torch import nn
 
 from peftkit.attach import AttachedAdapter, attach, detach, get_state, require_state
 from peftkit.errors import CheckpointError, PeftkitError
-from peftkit.io import _atomic_write, _saved_parameters, read_small_file
+from peftkit.io import _atomic_write, _saved_parameters, check_fits, fill, read_small_file
 from peftkit.method import Method
 from peftkit.registry import get_method, known_methods
 from peftkit.spec import Spec
@@ -175,21 +175,9 @@ def from_peft(model: nn.Module, directory: str | Path, adapter_name: str = "defa
         raise CheckpointError(f"PEFT checkpoint {str(directory)!r} does not fit this model: {error}") from None
     try:
         expected = _saved_parameters(model, {adapter_name})
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        wrong = [
-            f"{k}: checkpoint {list(state_dict[k].shape)}, model {list(expected[k].shape)}"
-            for k in expected
-            if k in state_dict and state_dict[k].shape != expected[k].shape
-        ]
-        if missing or unexpected or wrong:
-            raise CheckpointError(
-                f"PEFT checkpoint {str(directory)!r} does not fit this model: missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]}, shape mismatches {wrong[:5]}. Load it onto the architecture it was saved from."
-            )
-        with torch.no_grad():
-            for key, target in expected.items():
-                target.copy_(state_dict[key])
+        shapes = {key: tuple(tensor.shape) for key, tensor in state_dict.items()}
+        check_fits(expected, shapes, f"PEFT checkpoint {str(directory)!r}")
+        fill(expected, state_dict.__getitem__)
     except BaseException:
         detach(model, [adapter_name])
         raise

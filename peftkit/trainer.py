@@ -22,42 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from peftkit.attach import get_state, require_state
-from peftkit.errors import CheckpointError
-from peftkit.io import SPEC_FILE, WEIGHTS_FILE, _read_shapes, _saved_parameters, read_spec, save
+from peftkit.attach import get_state
+from peftkit.io import SPEC_FILE, restore_adapter_weights, save
 
 __all__ = ["AdapterCheckpointCallback", "AdapterTrainer", "restore_adapter_weights"]
 
 TRAINING_ARGS_FILE = "training_args.bin"  # the name transformers' Trainer gives its arguments
-
-
-def restore_adapter_weights(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Fill the adapters already attached to ``model`` from a ``peftkit.save`` folder (resuming a run).
-
-    The folder's spec must equal the model's, and every key and shape must match, before any value is copied."""
-    directory = Path(directory)
-    state = require_state(model)
-    spec = read_spec(directory)
-    if spec.to_dict() != state.spec.to_dict():
-        raise CheckpointError(
-            f"checkpoint {str(directory)!r} was saved with another spec than the model's; "
-            "attach the same spec before resuming"
-        )
-    expected = _saved_parameters(model)
-    shapes = _read_shapes(directory / WEIGHTS_FILE)
-    wrong = sorted(set(expected) ^ set(shapes)) + [
-        k for k in expected if k in shapes and shapes[k] != tuple(expected[k].shape)
-    ]
-    if wrong:
-        raise CheckpointError(f"checkpoint {str(directory)!r} does not fit the attached adapters: {wrong[:5]}")
-    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as stream, torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(stream.get_tensor(key))
-    return model
 
 
 def _is_adapter_checkpoint(directory: str | os.PathLike | None) -> bool:

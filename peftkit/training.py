@@ -27,7 +27,7 @@ from peftkit import checkpointing, distributed
 from peftkit.attach import attach
 from peftkit.distributed import Runtime
 from peftkit.errors import CheckpointError, PeftkitError
-from peftkit.io import SPEC_FILE, WEIGHTS_FILE, _read_shapes, _saved_parameters, read_spec, save
+from peftkit.io import SPEC_FILE, _saved_parameters, restore_adapter_weights, save
 from peftkit.precision import merge_error
 from peftkit.train_config import TrainConfig
 
@@ -130,23 +130,18 @@ class TrainResult:
 
 
 def _resume_checkpoint(output: Path, model: nn.Module) -> tuple[dict[str, Any] | None, Path | None]:
+    """The newest checkpoint's state, with its adapter weights already in ``model`` (before any sharding, so FSDP2
+    shards the resumed values); anything damaged or written for another spec stops the run before it trains."""
     folder = checkpointing.latest(output)
     if folder is None:
         return None, None
     try:
-        saved_spec = read_spec(folder)
-        shapes = _read_shapes(folder / WEIGHTS_FILE)
         state = checkpointing.read_state(folder)
+        restore_adapter_weights(model, folder)
     except Exception as error:  # any damage: say which file and stop before training over it
-        raise CheckpointError(f"checkpoint {str(folder)!r} cannot be resumed: {error}") from None
-    expected = _saved_parameters(model)
-    if (
-        saved_spec.to_dict() != model._peftkit_state.spec.to_dict()
-        or {k: tuple(v.shape) for k, v in expected.items()} != shapes
-    ):
         raise CheckpointError(
-            f"checkpoint {str(folder)!r} was written for another spec or model; remove it or choose another output"
-        )
+            f"checkpoint {str(folder)!r} cannot be resumed: {error}; remove it or choose another output"
+        ) from None
     return state, folder
 
 
@@ -173,16 +168,10 @@ def _train(config: TrainConfig, config_dir: Path, runtime: Runtime, *, progress:
             f"batch_size {config.batch_size} is the global batch and cannot be split over {runtime.world_size} "
             f"processes; make it at least {runtime.world_size}"
         )
-    texts = _read_texts(
-        config_dir / config.data.train if not Path(config.data.train).is_absolute() else Path(config.data.train),
-        config.data.text_field,
+    texts = _read_texts(config_dir / config.data.train, config.data.text_field)  # an absolute path stays as it is
+    eval_texts = (
+        None if config.data.eval is None else _read_texts(config_dir / config.data.eval, config.data.text_field)
     )
-    eval_texts = None
-    if config.data.eval is not None:
-        eval_path = Path(config.data.eval)
-        eval_texts = _read_texts(
-            eval_path if eval_path.is_absolute() else config_dir / eval_path, config.data.text_field
-        )
 
     torch.manual_seed(config.seed)  # the same on every rank: every rank builds the same base and adapters
     random.seed(config.seed)
@@ -200,12 +189,6 @@ def _train(config: TrainConfig, config_dir: Path, runtime: Runtime, *, progress:
         random.seed(config.seed + 1_000_003 * runtime.rank)
     start = 0
     state, folder = _resume_checkpoint(output, model)
-    if state is not None:  # weights go in before sharding, so FSDP2 shards the resumed values
-        with torch.no_grad():
-            from safetensors.torch import load_file
-
-            for key, tensor in load_file(folder / WEIGHTS_FILE).items():
-                _saved_parameters(model)[key].copy_(tensor)
     net = distributed.wrap(model, config.distributed.strategy, runtime)
     parameters = [p for p in net.parameters() if p.requires_grad]  # after wrap: FSDP2 swaps in DTensors
     optimizer = torch.optim.AdamW(
@@ -230,7 +213,7 @@ def _train(config: TrainConfig, config_dir: Path, runtime: Runtime, *, progress:
 
         bar = tqdm(total=config.steps, initial=start, desc="train", unit="step")
     loss_value, began, seen_tokens = float("nan"), time.perf_counter(), 0
-    eval_set = None
+    eval_set = [tokens(t) for t in eval_texts] if eval_texts else None
     for step in range(start, config.steps):
         batch = batch_at(dataset, step, config.batch_size, config.seed)
         # Every rank builds the same global batch, so its target count needs no all-reduce. Each rank's loss is
@@ -264,19 +247,17 @@ def _train(config: TrainConfig, config_dir: Path, runtime: Runtime, *, progress:
                     }
                 )
             )
-        if eval_texts and config.eval_every and done % config.eval_every == 0 and done < config.steps:
-            eval_set = eval_set if eval_set is not None else [tokens(t) for t in eval_texts]
+        if eval_set and config.eval_every and done % config.eval_every == 0 and done < config.steps:
             log(json.dumps({"step": done, "eval_loss": round(_evaluate(model, eval_set, config, runtime), 6)}))
         if done % config.checkpoint_every == 0 and done < config.steps:
             _checkpoint(output, model, net, optimizer, scheduler, done, runtime)
     if bar is not None:
         bar.close()
-    eval_loss = _evaluate(model, [tokens(t) for t in eval_texts], config, runtime) if eval_texts else None
+    eval_loss = _evaluate(model, eval_set, config, runtime) if eval_set else None
     if eval_loss is not None:
         log(json.dumps({"eval_loss": round(eval_loss, 6)}))
-    tensors = distributed.full_tensors(_saved_parameters(model))
+    tensors = _checkpoint(output, model, net, optimizer, scheduler, config.steps, runtime)
     distributed.on_main(runtime, lambda: save(model, output / "adapters", tensors=tensors))
-    _checkpoint(output, model, net, optimizer, scheduler, config.steps, runtime)
     error = _merge_error(model, runtime)
     if error is not None:
         log(json.dumps({"merge_error_max_abs": error, "base_dtype": str(next(model.parameters()).dtype)}))
@@ -308,8 +289,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _checkpoint(output: Path, model: nn.Module, net: nn.Module, optimizer, scheduler, step: int, runtime) -> None:
-    """Gather on every rank (collectives), write on rank 0, and return on every rank once the write is done."""
+def _checkpoint(
+    output: Path, model: nn.Module, net: nn.Module, optimizer, scheduler, step: int, runtime
+) -> dict[str, torch.Tensor]:
+    """Gather on every rank (collectives), write on rank 0, and return on every rank once the write is done, with
+    the gathered adapter tensors."""
     tensors = distributed.full_tensors(_saved_parameters(model))
     state = {
         "step": step,
@@ -320,6 +304,7 @@ def _checkpoint(output: Path, model: nn.Module, net: nn.Module, optimizer, sched
     distributed.on_main(
         runtime, lambda: checkpointing.write(output, lambda folder: save(model, folder, tensors=tensors), state)
     )
+    return tensors
 
 
 @torch.no_grad()
