@@ -141,18 +141,15 @@ def merged_copy(model: nn.Module, arm: Arm) -> nn.Module | None:
     that cannot be merged (adapter layers, prefix and prompt tuning: their latency is what "unmerged" shows)."""
     if arm.is_full:
         return None
-    import peftkit
-
-    if arm.peer != "peft" and not all(
-        peftkit.get_method(entry["method"]).capabilities.mergeable
-        for entries in arm.spec["adapters"].values()
-        for entry in entries
-    ):
-        return None
     merged = copy.deepcopy(model)
     if arm.peer == "peft":
         return merged.merge_and_unload()
-    return peftkit.merge(merged)
+    import peftkit
+
+    try:
+        return peftkit.merge(merged)  # refused up front, before any weight changes, when it cannot merge
+    except peftkit.AttachError:
+        return None
 
 
 def save_checkpoint(model: nn.Module, arm: Arm, directory: Path) -> int:
