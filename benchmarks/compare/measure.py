@@ -56,6 +56,37 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     )
 
 
+class SavedActivations:
+    """Counts the bytes autograd keeps for the backward during the steps run inside it.
+
+    These are the activations a frozen base still has to keep (the backward of a frozen layer needs its
+    input gradient, and some layers need their inputs for that): with parameter, gradient and optimizer
+    bytes they make the exact floor under the training peak, which RSS (an allocator's high-water mark)
+    only bounds from above. Each storage is counted once, and the model's own parameters and buffers,
+    which autograd saves by reference, not at all.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        self.seen: set[int] = set()
+        self.bytes = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.owned and storage.data_ptr() not in self.seen:
+            self.seen.add(storage.data_ptr())
+            self.bytes += storage.nbytes()
+        return tensor
+
+    def __enter__(self) -> SavedActivations:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._hooks.__exit__(*exc_info)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, each shared parameter counted once."""
     parameters = unique_parameters(model)

@@ -55,10 +55,9 @@ def summarise_arm(runs: list[dict[str, Any]]) -> dict[str, Any]:
     memory = [r["memory"] for r in runs]
     state = [m["parameter_bytes"] + m["gradient_bytes"] + m["optimizer_state_bytes"] for m in memory]
     cuda = [m["cuda_peak_allocated_bytes"] for m in memory if m["cuda_peak_allocated_bytes"] is not None]
+    timed = [r["latency"] for r in runs if r["latency"] is not None]  # the first seed's run measures it
     latency = {
-        variant: median(values)
-        if (values := [r["latency"]["seconds"][variant] for r in runs if r["latency"]["seconds"][variant] is not None])
-        else None
+        variant: median(values) if (values := [t["seconds"][variant] for t in timed if t["seconds"][variant]]) else None
         for variant in ["base", "unmerged", "merged"]
     }
     first = runs[0]
@@ -86,10 +85,17 @@ def summarise_arm(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "optimizer": memory[0]["optimizer_state_bytes"],
             "total": int(median(state)),
         },
+        "saved_activation_bytes": int(median([m["saved_activation_bytes"] for m in memory])),
         "latency_seconds": latency,
-        "latency_shape": [first["latency"]["batch_size"], first["latency"]["sequence_length"]],
-        "merged_max_abs_logit_difference": first["latency"].get("merged_max_abs_logit_difference"),
+        "latency_shape": [timed[0]["batch_size"], timed[0]["sequence_length"]],
+        "merged_max_abs_logit_difference": timed[0].get("merged_max_abs_logit_difference"),
     }
+
+
+def exact_floor(run: dict[str, Any]) -> int:
+    """Parameter, gradient, optimizer-state and saved-activation bytes: what training must hold at once."""
+    m = run["memory"]
+    return m["parameter_bytes"] + m["gradient_bytes"] + m["optimizer_state_bytes"] + m["saved_activation_bytes"]
 
 
 def ratios_to(reference: str, arm: str, by_arm: dict[str, list[dict[str, Any]]], summary, probe) -> dict:
@@ -115,6 +121,7 @@ def ratios_to(reference: str, arm: str, by_arm: dict[str, list[dict[str, Any]]],
         "rss_growth": paired(lambda r: r["memory"]["peak_rss_bytes"] - r["memory"]["rss_before_model_bytes"]),
         "cuda_peak_allocated": paired(lambda r: r["memory"]["cuda_peak_allocated_bytes"]),
         "state_bytes": ours["state_bytes"]["total"] / ref["state_bytes"]["total"],
+        "state_and_saved_activation_bytes": paired(exact_floor),
         "accuracy_points": 100.0 * (ours["accuracy"]["mean"] - ref["accuracy"]["mean"]),
     }
 
@@ -188,8 +195,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"| arm | median step (s) | tokens/s | step ÷ full (paired) | {memory_header} | ÷ full "
-        "| params+grads+AdamW bytes | ÷ full |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| params+grads+AdamW bytes | ÷ full | + saved activations | ÷ full |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, s in arms.items():
         r = ratios.get(name, {})
@@ -201,7 +208,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {s['median_step_seconds']:.3f} | {s['median_tokens_per_second']:,.0f} | "
             f"{_x(r.get('step_seconds_paired_probe'))} | {memory} | {memory_ratio} | "
-            f"{_size(s['state_bytes']['total'])} | {_x(r.get('state_bytes'), 3)} |"
+            f"{_size(s['state_bytes']['total'])} | {_x(r.get('state_bytes'), 3)} | "
+            f"{_size(s['state_bytes']['total'] + s['saved_activation_bytes'])} | "
+            f"{_x(r.get('state_and_saved_activation_bytes'), 3)} |"
         )
     lines += [
         "",
@@ -217,9 +226,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Latency: one forward of a {shape[0]} × {shape[1]}-token batch, median of {budget['latency_repeats']} "
-        'round-robin calls; for full fine-tuning "unmerged" is the trained model. '
+        'round-robin calls in the first seed\'s run of each arm; for full fine-tuning "unmerged" is the trained model. '
         "Step ÷ full (paired): median of per-step ratios from one process alternating the arms on the same "
-        "batches. Peak RSS is each arm's own worker process; growth = peak minus the RSS just before the model was loaded (after imports, data and tokenizer). "
+        "batches. Peak RSS is each arm's own worker process; growth = peak minus the RSS just before the model was "
+        "loaded (after imports, data and tokenizer). Saved activations: the bytes autograd kept for the backward of "
+        "each seed's first batch (the same batch for every arm), counted exactly. "
         f"Accuracy on the {env.get('eval_split', 'test')} split.",
         "",
     ]

@@ -100,6 +100,8 @@ def run_experiment(experiment: Experiment, options: RunOptions) -> dict[str, Any
                 **common,
                 "arm": name,
                 "seed": seed,
+                # latency is the architecture's, not the seed's: measured once per arm, in its first seed's run
+                "measure_latency": seed == budget.seeds[0],
                 "checkpoint_dir": str(options.out / "checkpoints" / f"{name}-seed{seed}"),
             }
             result, process_peak = run_worker(job, bar, label)

@@ -87,6 +87,7 @@ def run_arm(job: dict[str, Any]) -> dict[str, Any]:
     rss_before_training = measure.peak_rss_bytes()
     measure.reset_cuda_peak(setup.device)
     grad_bytes: list[int] = []
+    saved = measure.SavedActivations(model)
     log = train.train(
         model,
         setup.batches(seed, budget.steps),
@@ -96,6 +97,7 @@ def run_arm(job: dict[str, Any]) -> dict[str, Any]:
         setup.dtype,
         on_step=lambda step: emit("step", step=step),
         after_first_backward=lambda: grad_bytes.append(measure.gradient_bytes(model)),
+        first_step_context=saved,
     )
     memory = {
         "peak_rss_bytes": measure.peak_rss_bytes(),
@@ -106,12 +108,15 @@ def run_arm(job: dict[str, Any]) -> dict[str, Any]:
         "parameter_bytes": measure.parameter_bytes(model),
         "gradient_bytes": grad_bytes[0],
         "optimizer_state_bytes": measure.optimizer_state_bytes(optimizer),
+        "saved_activation_bytes": saved.bytes,
     }
     emit("phase", phase="evaluate")
     predictions, labels = setup.predict(model, test_set)
     checkpoint_bytes = modeling.save_checkpoint(model, arm, Path(job["checkpoint_dir"]))
-    emit("phase", phase="latency")
-    latency = measure_latency(setup, arm, seed, model, test_set)
+    latency = None
+    if job.get("measure_latency", True):
+        emit("phase", phase="latency")
+        latency = measure_latency(setup, arm, seed, model, test_set)
     steps_timed = log.seconds[1:] or log.seconds  # the first step pays one-off allocation costs
     tokens_per_s = [t / s for t, s in zip(log.tokens[1:] or log.tokens, steps_timed)]
     return {
