@@ -45,7 +45,7 @@ def environment(device: str, dtype: str, threads: int | None, command: str) -> d
         "device": device,
         "cuda_device": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
         "dtype": dtype,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE (set by the harness)"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (the OpenMP runtime's default)"),
         "versions": {p: version(p) for p in ["peftkit", "torch", "transformers", "peft", "safetensors", "pydantic"]},
     }
 

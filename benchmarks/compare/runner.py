@@ -49,7 +49,6 @@ def run_worker(job: dict[str, Any], bar: tqdm, label: str) -> tuple[dict[str, An
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(job, handle)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads must not spin on a shared machine
     process = subprocess.Popen(
         [sys.executable, "-m", "peftkit_benchmarks.compare.worker", handle.name],
         stdout=subprocess.PIPE,
