@@ -144,3 +144,15 @@ def test_peer_peft_adds_a_twin_of_each_lora_arm_or_says_why_not(capsys):
     else:
         assert names == ["full", "lora"]
         assert "not installed" in capsys.readouterr().err
+
+
+def test_the_time_left_comes_from_each_arms_latest_whole_run():
+    from peftkit_benchmarks.compare.runner import RemainingTime
+
+    clock = RemainingTime()
+    assert clock.seconds_left(["full"]) is None and clock.describe(["full"]) == "peftkit compare"
+    clock.record("full", 100.0)
+    clock.record("lora", 60.0)
+    clock.record("full", 90.0)  # a later seed replaces the first (which also measured latency)
+    assert clock.seconds_left(["lora", "full", "ia3"]) == 60.0 + 90.0 + 75.0  # an unseen arm costs the mean
+    assert clock.describe(["full", "full"]) == "peftkit compare (runs: ~3 min left)"

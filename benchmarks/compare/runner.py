@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,30 @@ class RunOptions:
 
 class WorkerFailed(RuntimeError):
     pass
+
+
+class RemainingTime:
+    """Wall-clock time left, from how long each arm's latest run took.
+
+    The bar's own ETA counts training steps only, blind to each run's loading, evaluation and latency phases
+    (about a third of a CPU run); whole finished runs see everything. An arm not yet run is taken to cost
+    the mean of the others."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, float] = {}
+
+    def record(self, arm: str, seconds: float) -> None:
+        self.latest[arm] = seconds
+
+    def seconds_left(self, pending_arms: list[str]) -> float | None:
+        if not self.latest:
+            return None
+        typical = statistics.fmean(self.latest.values())
+        return sum(self.latest.get(arm, typical) for arm in pending_arms)
+
+    def describe(self, pending_arms: list[str]) -> str:
+        left = self.seconds_left(pending_arms)
+        return "peftkit compare" if left is None else f"peftkit compare (runs: ~{round(left / 60)} min left)"
 
 
 def job_order(experiment: Experiment) -> list[tuple[int, str]]:
@@ -91,9 +117,10 @@ def run_experiment(experiment: Experiment, options: RunOptions) -> dict[str, Any
     jobs = job_order(experiment)
     probe = budget.speed_probe_steps > 0 and len(experiment.arms) > 1
     total = len(jobs) * budget.steps + (budget.speed_probe_steps + 2 if probe else 0)
-    runs = []
+    runs, clock = [], RemainingTime()
     with tqdm(total=total, unit="step", desc="peftkit compare", dynamic_ncols=True) as bar:
         for index, (seed, name) in enumerate(jobs, start=1):
+            started = time.monotonic()
             label = f"[{index}/{len(jobs)}] {name} seed {seed}"
             job = {
                 **common,
@@ -106,6 +133,8 @@ def run_experiment(experiment: Experiment, options: RunOptions) -> dict[str, Any
             result, process_peak = run_worker(job, bar, label)
             result["memory"]["process_peak_rss_bytes"] = process_peak
             runs.append(result)
+            clock.record(name, time.monotonic() - started)
+            bar.set_description(clock.describe([arm for _, arm in jobs[index:]]), refresh=True)
         probe_result = None
         if probe:
             job = {**common, "mode": "probe", "seed": budget.seeds[0], "arms": [a.name for a in experiment.arms]}
