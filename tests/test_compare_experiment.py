@@ -156,3 +156,28 @@ def test_the_time_left_comes_from_each_arms_latest_whole_run():
     clock.record("full", 90.0)  # a later seed replaces the first (which also measured latency)
     assert clock.seconds_left(["lora", "full", "ia3"]) == 60.0 + 90.0 + 75.0  # an unseen arm costs the mean
     assert clock.describe(["full", "full"]) == "peftkit compare (runs: ~3 min left)"
+
+
+def test_the_workers_wait_policy_is_the_users_else_passive_only_when_other_work_is_running(monkeypatch):
+    from peftkit_benchmarks.compare import measure, runner
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert runner.wait_policy() == ("ACTIVE", "ACTIVE (set by the user)")
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setattr(measure, "busy_cpus", lambda: 1.3)
+    policy, reason = runner.wait_policy()
+    assert policy == "PASSIVE" and "1.3 CPUs busy" in reason
+    monkeypatch.setattr(measure, "busy_cpus", lambda: 0.1)
+    assert runner.wait_policy()[0] is None
+
+
+def test_busy_cpus_reads_a_share_of_the_machine():
+    import os
+
+    from peftkit_benchmarks.compare import measure
+
+    busy = measure.busy_cpus(0.2)
+    if not Path("/proc/stat").exists():
+        assert busy is None
+        return
+    assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6

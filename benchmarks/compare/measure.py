@@ -7,11 +7,13 @@ full fine-tuning arm of the same run.
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,6 +23,24 @@ def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def busy_cpus(interval: float = 0.5) -> float | None:
+    """How many CPUs' worth of work other processes are doing now (Linux ``/proc/stat``), else None."""
+    stat = Path("/proc/stat")
+    if not stat.exists():
+        return None
+
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in stat.read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    total_0, idle_0 = sample()
+    time.sleep(interval)
+    total_1, idle_1 = sample()
+    elapsed = total_1 - total_0
+    return None if elapsed <= 0 else (os.cpu_count() or 1) * (1 - (idle_1 - idle_0) / elapsed)
 
 
 def unique_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -178,7 +178,7 @@ def markdown(report: dict[str, Any]) -> str:
         ),
         f"`{env['command']}` — {env['device']} ({env['cuda_device'] or env['cpu']}), {env['threads']} threads, "
         f"{env['dtype']}, torch {env['versions']['torch']}, transformers {env['versions']['transformers']}, "
-        f"peftkit {env['versions']['peftkit']}, {env['utc']}",
+        f"peftkit {env['versions']['peftkit']}, {env['utc']}; OMP_WAIT_POLICY {env['omp_wait_policy']}",
         "",
         "| arm | trainable params | % of base | checkpoint | accuracy % (mean ± sd, n) | Δ vs full (points) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
