@@ -68,7 +68,7 @@ class WeightSite:
         if out.dtype == h.dtype and out.is_contiguous():
             # When B trains, B^T is copied to a contiguous (r, out_features) matrix (r * out_features values):
             # autograd lays out B's gradient like this input, so it is computed as h^T @ grad, r rows tall, not as
-            # (grad^T @ h)^T, r columns wide, which CPU BLAS runs 2-5x slower (LoRA training step -6 %). Without
+            # (grad^T @ h)^T, r columns wide, which CPU BLAS runs 2-5x slower (a rank-8 training step -6 %). Without
             # autograd the copy buys nothing, so inference uses the view.
             b_t = b.t().contiguous() if b.requires_grad and torch.is_grad_enabled() else b.t()
             out.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), b_t, alpha=scale)

@@ -9,9 +9,9 @@ selectors are generated; a method's own config fields come from a strategy its a
 
     CONFIGS = st.fixed_dictionaries({"r": st.integers(1, 4)})
 
-    @pytest.mark.parametrize("prop", testing.properties_for("lora"))
-    def test_lora_conforms(prop):
-        testing.check(prop, "lora", configs=CONFIGS)
+    @pytest.mark.parametrize("prop", testing.properties_for("my_method"))
+    def test_my_method_conforms(prop):
+        testing.check(prop, "my_method", configs=CONFIGS)
 """
 
 from __future__ import annotations

@@ -182,9 +182,8 @@ def run(args: argparse.Namespace) -> int:
     except runner.WorkerFailed as error:
         print(f"peftkit compare: {error}", file=sys.stderr)
         return 1
-    env = report.environment(args.device, args.dtype, args.threads, command)
+    env = report.environment(args.device, args.dtype, args.threads, command, raw["omp_wait_policy"])
     env["eval_split"] = args.eval_split
-    env["omp_wait_policy"] = raw["omp_wait_policy"]
     result = report.build_report(experiment, raw, env)
     paths = report.write(result, args.out)
     pngs = plots.write_plots(result, args.out)

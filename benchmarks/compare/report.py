@@ -21,7 +21,7 @@ from peftkit_benchmarks.compare.experiment import Experiment
 from peftkit_benchmarks.compare.measure import median, paired_ratios
 
 
-def environment(device: str, dtype: str, threads: int | None, command: str) -> dict[str, Any]:
+def environment(device: str, dtype: str, threads: int | None, command: str, omp_wait_policy: str) -> dict[str, Any]:
     def version(package: str) -> str | None:
         try:
             return importlib.metadata.version(package)
@@ -45,7 +45,7 @@ def environment(device: str, dtype: str, threads: int | None, command: str) -> d
         "device": device,
         "cuda_device": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
         "dtype": dtype,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (the OpenMP runtime's default)"),
+        "omp_wait_policy": omp_wait_policy,  # what the workers ran with, and why (runner.wait_policy)
         "versions": {p: version(p) for p in ["peftkit", "torch", "transformers", "peft", "safetensors", "pydantic"]},
     }
 
