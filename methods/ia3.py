@@ -36,7 +36,7 @@ class IA3Config(MethodConfig):
 
 def _scales_input(config: IA3Config, site: WeightSite) -> bool:
     context = site.context
-    return any(compile_pattern(pattern, context.family)(context.path) for pattern in config.feedforward)
+    return any(compile_pattern(pattern, context.places)(context.path) for pattern in config.feedforward)
 
 
 class IA3Adapter(Adapter):

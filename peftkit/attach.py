@@ -22,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 from peftkit.compose import Gates, check_rules, compose_output, gate_name
 from peftkit.errors import AttachError
 from peftkit.method import Adapter, Method, MethodConfig
-from peftkit.placements import family_of
+from peftkit.placements import places_of
 from peftkit.spec import Spec
 from peftkit.sublayer_sites import first_input
 from peftkit.targeting import ADAPTER_CONTAINER, Plan, base_modules, compile_pattern, resolve
@@ -145,7 +145,7 @@ def _set_training_state(model: nn.Module, state: ModelState) -> None:
 def plan_trainable_paths(model: nn.Module, spec: Spec) -> list[str]:
     paths = []
     for pattern in spec.trainable:
-        match = compile_pattern(pattern, family_of(model))
+        match = compile_pattern(pattern, places_of(model))
         paths.extend(p for p in base_modules(model) if match(p) and p not in paths)
     return paths
 

@@ -87,26 +87,45 @@ def family_of(model: nn.Module) -> str | None:
     return getattr(config, "model_type", None)
 
 
-def expand(pattern: str, family: str | None) -> str:
-    """The module pattern a ``@name`` placement stands for in ``family``; other patterns pass through."""
-    if not pattern.startswith("@"):
+class Places:
+    """Where the named places are on one model: ``@name`` -> a pattern, and where a sub-layer's input is read.
+
+    Built once per model by :func:`places_of` and handed to ``compile_pattern`` and to the sites, so that the
+    knowledge of where things are lives in this module only.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.family = family_of(model)
+
+    def pattern(self, name: str) -> str:
+        """The pattern that ``@name`` stands for on this model; a TargetingError says why when it has none."""
+        table: Mapping[str, str] | None = PLACEMENTS.get(self.family or "")
+        if table is None:
+            from peftkit.errors import TargetingError
+
+            known = ", ".join(sorted(PLACEMENTS))
+            raise TargetingError(
+                f"target '@{name}': peftkit does not know where the {name} of a "
+                f"{self.family or 'non-transformers'!r} model is (known families: {known}); give explicit module "
+                "paths as the target instead"
+            )
+        return table[name]
+
+    def sublayer_input_path(self, path: str) -> str:
+        """The path of the module whose input is the sub-layer input for a host at ``path`` (often the host)."""
+        for host_suffix, source_suffix in SUBLAYER_INPUTS.get(self.family or "", ()):
+            if path == host_suffix or path.endswith("." + host_suffix):
+                return path[: len(path) - len(host_suffix)] + source_suffix
+        return path
+
+
+def places_of(model: nn.Module) -> Places:
+    return Places(model)
+
+
+def expand(pattern: str, places: Places | None) -> str:
+    """The module pattern a ``@name`` placement stands for on the model of ``places``; other patterns pass through."""
+    if not pattern.startswith("@") or places is None:
         return pattern
-    name = pattern[1:]
-    table: Mapping[str, str] | None = PLACEMENTS.get(family or "")
-    if table is None:
-        from peftkit.errors import TargetingError
-
-        known = ", ".join(sorted(PLACEMENTS))
-        raise TargetingError(
-            f"target {pattern!r}: peftkit does not know where the {name} of a {family or 'non-transformers'!r} model "
-            f"is (known families: {known}); give explicit module paths as the target instead"
-        )
-    return table[name]
-
-
-def sublayer_input_path(path: str, family: str | None) -> str:
-    """The path of the module whose input is the sub-layer input for a host at ``path`` (often the host itself)."""
-    for host_suffix, source_suffix in SUBLAYER_INPUTS.get(family or "", ()):
-        if path == host_suffix or path.endswith("." + host_suffix):
-            return path[: len(path) - len(host_suffix)] + source_suffix
-    return path
+    return places.pattern(pattern[1:])

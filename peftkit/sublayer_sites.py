@@ -17,17 +17,21 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from peftkit.placements import sublayer_input_path
+from peftkit.placements import Places
 
 
 @dataclass(frozen=True)
 class SiteContext:
-    """Where a host sits: its path, the model's modules by path, and the model's family (``config.model_type``)."""
+    """Where a host sits: its path, the model's modules by path, and where the model's named places are."""
 
     path: str
     modules: Mapping[str, nn.Module]
-    family: str | None
+    places: Places | None
     root: nn.Module | None = None
+
+    @property
+    def family(self) -> str | None:
+        return self.places.family if self.places is not None else None
 
 
 def _projection_types() -> tuple[type[nn.Module], ...]:
@@ -102,7 +106,7 @@ def make_sublayer_site(kind: str, module: nn.Module, context: SiteContext | None
         return f"{type(module).__name__} has no parameters to take a device and dtype from"
     source = None
     if kind == "parallel" and context is not None:
-        source_path = sublayer_input_path(context.path, context.family)
+        source_path = context.places.sublayer_input_path(context.path) if context.places else context.path
         if source_path != context.path:
             source = context.modules.get(source_path)
             if source is None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from peftkit.errors import TargetingError
 from peftkit.method import Method, MethodConfig
-from peftkit.placements import PLACEMENT_NAMES, expand, family_of
+from peftkit.placements import PLACEMENT_NAMES, Places, expand, places_of
 from peftkit.registry import get_method
 from peftkit.sites import make_site
 from peftkit.sublayer_sites import SiteContext
@@ -27,10 +27,11 @@ from peftkit.sublayer_sites import SiteContext
 ADAPTER_CONTAINER = "peftkit_adapters"
 
 
-def compile_pattern(pattern: str, family: str | None = None) -> Callable[[str], bool]:
+def compile_pattern(pattern: str, places: Places | None = None) -> Callable[[str], bool]:
     """A predicate over module paths; raises ValueError for an empty pattern or a regex that does not compile.
 
-    ``@name`` stands for a place named in ``placements`` (``@attention_output``...), expanded for ``family``.
+    ``@name`` stands for a place named in ``placements`` (``@attention_output``...), found on the model of
+    ``places``; without a model (validating a spec) it matches nothing.
     """
     if not isinstance(pattern, str) or not pattern.strip():
         raise ValueError("a target pattern must be a non-empty string")
@@ -39,9 +40,9 @@ def compile_pattern(pattern: str, family: str | None = None) -> Callable[[str], 
             raise ValueError(
                 f"target {pattern!r}: unknown place; places: {', '.join('@' + n for n in PLACEMENT_NAMES)}"
             )
-        if family is None:
+        if places is None:
             return lambda path: False
-        pattern = expand(pattern, family)
+        pattern = expand(pattern, places)
     if pattern.startswith("re:"):
         try:
             regex = re.compile(pattern[3:])
@@ -151,8 +152,8 @@ class PlannedSite:
     site: object
 
 
-def _matching(config: MethodConfig, modules: dict[str, nn.Module], family: str | None) -> list[str]:
-    predicates = [compile_pattern(p, family) for p in config.targets]
+def _matching(config: MethodConfig, modules: dict[str, nn.Module], places: Places | None) -> list[str]:
+    predicates = [compile_pattern(p, places) for p in config.targets]
     return [path for path in modules if any(match(path) for match in predicates)]
 
 
@@ -162,15 +163,15 @@ def resolve_entry(
     config: MethodConfig,
     modules: dict[str, nn.Module],
     layers: dict[str, int],
-    family: str | None = None,
+    places: Places | None = None,
     root: nn.Module | None = None,
 ) -> list[PlannedSite]:
     """The sites one spec entry selects, or a TargetingError that says what was found instead."""
     method = get_method(config.method)
     where = f"adapters.{adapter}.{index} ({config.method})"
-    paths = _matching(config, modules, family)
+    paths = _matching(config, modules, places)
     if not paths:
-        suggestions = closest_paths(expand(config.targets[0], family), list(modules))
+        suggestions = closest_paths(expand(config.targets[0], places), list(modules))
         raise TargetingError(
             f"{where}: target {config.target!r} matched no module; closest: " + ", ".join(repr(p) for p in suggestions)
         )
@@ -208,7 +209,7 @@ def resolve_entry(
                 f"{config.method!r} cannot adapt; it adapts {', '.join(t.__name__ for t in accepted)}. "
                 "Narrow the target or add module_types."
             )
-        context = SiteContext(path, modules, family, root)
+        context = SiteContext(path, modules, places, root)
         site = make_site(method.capabilities.site, module, context)
         if isinstance(site, str):
             raise TargetingError(f"{where}: {path!r} cannot host {config.method!r}: {site}")
@@ -230,12 +231,12 @@ def resolve(model: nn.Module, spec) -> tuple[Plan, list[PlannedSite]]:  # spec: 
     """Resolve every entry of ``spec`` against ``model``; raises before anything is changed."""
     modules = base_modules(model)
     layers = layer_indices(model)
-    family = family_of(model)
+    places = places_of(model)
     planned: list[PlannedSite] = []
     for adapter, entries in spec.adapters.items():
         seen: dict[str, int] = {}
         for index, config in enumerate(entries):
-            for item in resolve_entry(adapter, index, config, modules, layers, family, model):
+            for item in resolve_entry(adapter, index, config, modules, layers, places, model):
                 if item.row.path in seen:
                     raise TargetingError(
                         f"adapters.{adapter}: entries {seen[item.row.path]} and {index} both target "
@@ -245,7 +246,7 @@ def resolve(model: nn.Module, spec) -> tuple[Plan, list[PlannedSite]]:  # spec: 
                 planned.append(item)
     trainable: list[str] = []
     for pattern in spec.trainable:
-        match = compile_pattern(pattern, family)
+        match = compile_pattern(pattern, places)
         hits = [path for path in modules if match(path)]
         if not hits:
             raise TargetingError(

@@ -30,7 +30,8 @@ from torch import nn
 
 import peftkit
 from peftkit.attach import get_state
-from peftkit.placements import PLACEMENT_NAMES, PLACEMENTS, expand, family_of
+from peftkit.errors import TargetingError
+from peftkit.placements import PLACEMENT_NAMES, places_of
 from peftkit.registry import get_method
 from peftkit.sites import Conv1D, make_site
 from peftkit.sublayer_sites import SiteContext
@@ -141,12 +142,13 @@ def _tied_paths(model: nn.Module) -> set[str]:
 def _hosts(model: nn.Module, modules: dict[str, nn.Module], capabilities: peftkit.Capabilities) -> list[str]:
     """Paths a method with these capabilities can be put on: weight sites anywhere they build; other kinds on a
     projection or a place named in the family table (a sub-layer whose input and output are the hidden stream)."""
-    family, tied = family_of(model), _tied_paths(model)
-    places = (
-        [compile_pattern(expand(f"@{name}", family), family) for name in PLACEMENT_NAMES]
-        if family in PLACEMENTS
-        else []
-    )
+    tied, found = _tied_paths(model), places_of(model)
+    places = []
+    for name in PLACEMENT_NAMES:
+        try:
+            places.append(compile_pattern(f"@{name}", found))
+        except TargetingError:  # a place this model does not have
+            continue
     projections = (nn.Linear, Conv1D)
     hosts = []
     for path, module in modules.items():
@@ -154,7 +156,7 @@ def _hosts(model: nn.Module, modules: dict[str, nn.Module], capabilities: peftki
             continue
         if capabilities.site != "weight" and not (isinstance(module, projections) or any(m(path) for m in places)):
             continue
-        if not isinstance(make_site(capabilities.site, module, SiteContext(path, modules, family, model)), str):
+        if not isinstance(make_site(capabilities.site, module, SiteContext(path, modules, found, model)), str):
             hosts.append(path)
     return hosts
 
