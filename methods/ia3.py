@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -29,9 +29,17 @@ from peftkit.targeting import compile_pattern
 class IA3Config(MethodConfig):
     method: Literal["ia3"] = "ia3"
     target: str | list[str] = Field(default_factory=lambda: ["@key", "@value", "@ffn_output"])
+    # optional: on a model without a findable feed-forward output, explicit targets are all scaled on the output
     feedforward: list[str] = Field(
-        default_factory=lambda: ["@ffn_output"], description="targets whose input (not output) is scaled"
+        default_factory=lambda: ["optional:@ffn_output"], description="targets whose input (not output) is scaled"
     )
+
+    @field_validator("feedforward")
+    @classmethod
+    def _feedforward_patterns_compile(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            compile_pattern(pattern)
+        return value
 
 
 def _scales_input(config: IA3Config, site: WeightSite) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
@@ -27,12 +28,25 @@ from peftkit.sublayer_sites import SiteContext
 ADAPTER_CONTAINER = "peftkit_adapters"
 
 
+OPTIONAL_PREFIX = "optional:"
+
+
+def split_optional(pattern: str) -> tuple[str, bool]:
+    """``optional:PATTERN`` -> (PATTERN, True): a pattern that may match nothing on some models."""
+    if isinstance(pattern, str) and pattern.startswith(OPTIONAL_PREFIX):
+        return pattern[len(OPTIONAL_PREFIX) :], True
+    return pattern, False
+
+
 def compile_pattern(pattern: str, places: Places | None = None) -> Callable[[str], bool]:
     """A predicate over module paths; raises ValueError for an empty pattern or a regex that does not compile.
 
     ``@name`` stands for a place named in ``placements`` (``@attention_output``...), found on the model of
-    ``places``; without a model (validating a spec) it matches nothing.
+    ``places``; without a model (validating a spec) it matches nothing. An ``optional:`` prefix is accepted and
+    ignored here: whether a pattern may match nothing is the caller's rule (see :func:`resolve_entry`), and an
+    optional place that the model lacks matches nothing instead of raising.
     """
+    pattern, optional = split_optional(pattern)
     if not isinstance(pattern, str) or not pattern.strip():
         raise ValueError("a target pattern must be a non-empty string")
     if pattern.startswith("@"):
@@ -42,7 +56,12 @@ def compile_pattern(pattern: str, places: Places | None = None) -> Callable[[str
             )
         if places is None:
             return lambda path: False
-        pattern = expand(pattern, places)
+        try:
+            pattern = expand(pattern, places)
+        except TargetingError:
+            if optional:
+                return lambda path: False
+            raise
     if pattern.startswith("re:"):
         try:
             regex = re.compile(pattern[3:])
@@ -152,9 +171,84 @@ class PlannedSite:
     site: object
 
 
-def _matching(config: MethodConfig, modules: dict[str, nn.Module], places: Places | None) -> list[str]:
-    predicates = [compile_pattern(p, places) for p in config.targets]
-    return [path for path in modules if any(match(path) for match in predicates)]
+def adaptable_paths(method: type[Method], modules: dict[str, nn.Module], places: Places | None, root) -> list[str]:
+    """Every module path ``method`` could be put on: the right type, and a site of its kind builds there."""
+    accepted = method.capabilities.module_types
+    found = []
+    for path, module in modules.items():
+        if isinstance(module, accepted):
+            site = make_site(method.capabilities.site, module, SiteContext(path, modules, places, root))
+            if not isinstance(site, str):
+                found.append(path)
+    return found
+
+
+def _no_match_error(where: str, pattern: str, candidates: list[str], places: Places | None) -> TargetingError:
+    shown = pattern
+    with suppress(TargetingError):  # a place the model lacks was reported already when it was compiled
+        shown = expand(split_optional(pattern)[0], places)
+    suggestions = ", ".join(repr(p) for p in closest_paths(shown, candidates)) or "(none)"
+    return TargetingError(
+        f"{where}: target {pattern!r} matched no module this method can adapt; closest: {suggestions}. "
+        f"Fix the pattern, or write it as '{OPTIONAL_PREFIX}{pattern}' if it may match nothing on some models"
+    )
+
+
+def _selected_paths(
+    where: str,
+    method: type[Method],
+    config: MethodConfig,
+    modules: dict[str, nn.Module],
+    layers: dict[str, int],
+    places: Places | None,
+    root: nn.Module | None,
+) -> list[str]:
+    """The paths the entry selects; every pattern not marked ``optional:`` must select at least one of them."""
+    wanted_layers = None
+    if config.layers is not None:
+        known = sorted(set(layers.values()))
+        if not known:
+            raise TargetingError(f"{where}: layers {config.layers} given, but this model has no layer list")
+        missing = sorted(set(config.layers) - set(known))
+        if missing:
+            raise TargetingError(
+                f"{where}: layers {missing} do not exist; this model has layers {known[0]}-{known[-1]}"
+            )
+        wanted_layers = set(config.layers)
+    accepted = method.capabilities.module_types
+    selected: dict[str, None] = {}
+    for pattern in config.targets:
+        match = compile_pattern(pattern, places)
+        hits = [path for path in modules if match(path)]
+        if not hits:
+            if split_optional(pattern)[1]:
+                continue
+            raise _no_match_error(where, pattern, adaptable_paths(method, modules, places, root), places)
+        kept = hits
+        if wanted_layers is not None:
+            kept = [p for p in kept if layers.get(p) in wanted_layers]
+            if not kept and not split_optional(pattern)[1]:
+                raise TargetingError(
+                    f"{where}: target {pattern!r} matched {hits[:3]}... but none in layers {config.layers}"
+                )
+        if config.module_types is not None:
+            typed = [p for p in kept if type(modules[p]).__name__ in config.module_types]
+            if not typed and kept and not split_optional(pattern)[1]:
+                found = sorted({type(modules[p]).__name__ for p in kept})
+                raise TargetingError(
+                    f"{where}: target {pattern!r} matched modules of types {found}, "
+                    f"none of module_types {config.module_types}"
+                )
+            kept = typed
+        for path in kept:
+            if not isinstance(modules[path], accepted):
+                raise TargetingError(
+                    f"{where}: target {pattern!r} hits {path!r} ({type(modules[path]).__name__}), which "
+                    f"{config.method!r} cannot adapt; it adapts {', '.join(t.__name__ for t in accepted)}. "
+                    "Narrow the target or add module_types."
+                )
+            selected[path] = None
+    return [path for path in modules if path in selected]  # in the model's order, whatever the patterns' order
 
 
 def resolve_entry(
@@ -166,49 +260,18 @@ def resolve_entry(
     places: Places | None = None,
     root: nn.Module | None = None,
 ) -> list[PlannedSite]:
-    """The sites one spec entry selects, or a TargetingError that says what was found instead."""
+    """The sites one spec entry selects, or a TargetingError that says what was found instead.
+
+    Every pattern must select at least one module the method can adapt (a typo in a target list is an error, not
+    a silently smaller adapter), unless it is written ``optional:PATTERN``. An entry whose patterns are all
+    optional and select nothing adds no sites.
+    """
     method = get_method(config.method)
     where = f"adapters.{adapter}.{index} ({config.method})"
-    paths = _matching(config, modules, places)
-    if not paths:
-        suggestions = closest_paths(expand(config.targets[0], places), list(modules))
-        raise TargetingError(
-            f"{where}: target {config.target!r} matched no module; closest: " + ", ".join(repr(p) for p in suggestions)
-        )
-    if config.layers is not None:
-        known = sorted(set(layers.values()))
-        if not known:
-            raise TargetingError(f"{where}: layers {config.layers} given, but this model has no layer list")
-        missing = sorted(set(config.layers) - set(known))
-        if missing:
-            raise TargetingError(
-                f"{where}: layers {missing} do not exist; this model has layers {known[0]}-{known[-1]}"
-            )
-        in_layers = [p for p in paths if layers.get(p) in set(config.layers)]
-        if not in_layers:
-            raise TargetingError(
-                f"{where}: target {config.target!r} matched {paths[:3]}... but none in layers {config.layers}"
-            )
-        paths = in_layers
-    if config.module_types is not None:
-        typed = [p for p in paths if type(modules[p]).__name__ in config.module_types]
-        if not typed:
-            found = sorted({type(modules[p]).__name__ for p in paths})
-            raise TargetingError(
-                f"{where}: target {config.target!r} matched modules of types {found}, "
-                f"none of module_types {config.module_types}"
-            )
-        paths = typed
+    paths = _selected_paths(where, method, config, modules, layers, places, root)
     planned = []
-    accepted = method.capabilities.module_types
     for path in paths:
         module = modules[path]
-        if not isinstance(module, accepted):
-            raise TargetingError(
-                f"{where}: target {config.target!r} hits {path!r} ({type(module).__name__}), which "
-                f"{config.method!r} cannot adapt; it adapts {', '.join(t.__name__ for t in accepted)}. "
-                "Narrow the target or add module_types."
-            )
         context = SiteContext(path, modules, places, root)
         site = make_site(method.capabilities.site, module, context)
         if isinstance(site, str):
@@ -244,14 +307,21 @@ def resolve(model: nn.Module, spec) -> tuple[Plan, list[PlannedSite]]:  # spec: 
                     )
                 seen[item.row.path] = index
                 planned.append(item)
+        if not seen:
+            raise TargetingError(
+                f"adapters.{adapter}: every target is optional and none matched a module of this model, so the "
+                "adapter would be empty; name at least one module it can adapt here"
+            )
     trainable: list[str] = []
+    with_parameters = [path for path, module in modules.items() if next(module.parameters(), None) is not None]
     for pattern in spec.trainable:
         match = compile_pattern(pattern, places)
-        hits = [path for path in modules if match(path)]
-        if not hits:
+        hits = [path for path in with_parameters if match(path)]
+        if not hits and not split_optional(pattern)[1]:
             raise TargetingError(
-                f"trainable: {pattern!r} matched no module; closest: "
-                + ", ".join(repr(p) for p in closest_paths(pattern, list(modules)))
+                f"trainable: {pattern!r} matched no module with parameters; closest: "
+                + ", ".join(repr(p) for p in closest_paths(split_optional(pattern)[0], with_parameters))
+                + f". Fix the pattern, or write it as '{OPTIONAL_PREFIX}{pattern}' if it may match nothing"
             )
         trainable.extend(h for h in hits if h not in trainable)
     base = sum(p.numel() for n, p in model.named_parameters() if ADAPTER_CONTAINER not in n.split("."))

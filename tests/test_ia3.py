@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import peftkit
+from peftkit.attach import get_state
 from peftkit.testing import randomise_adapters
 from peftkit.zoo import build_model
 
@@ -61,3 +62,18 @@ def test_ia3_trains_only_its_vectors() -> None:
     model(input_ids=ids, labels=ids).loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+
+def test_explicit_targets_work_on_a_model_whose_feedforward_place_is_unknown() -> None:
+    """The default ``feedforward`` place is optional: a model without one scales every explicit target's output."""
+    model = build_model("mlp").eval()
+    x = torch.randn(3, 16)
+    before = model(x)
+    entry = {"method": "ia3", "target": "*", "module_types": ["Linear"]}
+    peftkit.attach(model, {"adapters": {"default": [entry]}})
+    attached = get_state(model).attached
+    assert [a.path for a in attached] == ["0", "2"] and not any(a.module.transforms_input for a in attached)
+    torch.testing.assert_close(model(x), before)
+    explicit = peftkit.attach(build_model("mlp"), {"adapters": {"default": [{**entry, "feedforward": ["2"]}]}})
+    assert [a.path for a in get_state(explicit).attached if a.module.transforms_input] == ["2"]

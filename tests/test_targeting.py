@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -46,7 +48,7 @@ def test_plan_counts_and_prints() -> None:
 def test_no_match_names_the_closest_paths() -> None:
     model = build_model("llama-tiny")
     with pytest.raises(
-        TargetingError, match=r"'q_prj' matched no module; closest: 'model\.layers\.\d\.self_attn\.q_proj'"
+        TargetingError, match=r"'q_prj' matched no module this method can adapt; closest: 'model\.layers\.\d\.self_attn\.q_proj'"
     ):
         peftkit.plan(model, lora("q_prj"))
 
@@ -93,7 +95,7 @@ def test_trainable_modules_are_trained_and_unknown_ones_refused() -> None:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {"pooler.dense.weight", "pooler.dense.bias"} <= trainable
     assert not any(n.startswith("embeddings") for n in trainable)
-    with pytest.raises(TargetingError, match="trainable: 'classifer' matched no module"):
+    with pytest.raises(TargetingError, match="trainable: 'classifer' matched no module with parameters"):
         peftkit.plan(build_model("bert-tiny"), {**lora("query"), "trainable": ["classifer"]})
 
 
@@ -101,3 +103,37 @@ def test_meta_device_plan_of_a_7b_shaped_llama() -> None:
     model = build_model("llama-7b-shape", meta=True)
     plan = peftkit.plan(model, lora(["q_proj", "v_proj"], r=8))
     assert len(plan.rows) == 64 and plan.adapter_parameters == 64 * 8 * (4096 + 4096)
+
+
+def test_a_typo_in_a_target_list_is_refused_and_named() -> None:
+    model = build_model("llama-tiny")
+    with pytest.raises(TargetingError, match=r"target 'q_porj' matched no module this method can adapt; closest: "):
+        peftkit.plan(model, lora(["q_proj", "v_proj", "q_porj"]))
+    with pytest.raises(TargetingError, match=r"k_proj'\]\.\.\. but none in layers \[0\]"):
+        peftkit.plan(model, lora(["q_proj", r"re:model\.layers\.1\.self_attn\.k_proj"], layers=[0]))
+    with pytest.raises(TargetingError, match="trainable: 'lm_haed' matched no module"):
+        peftkit.plan(model, {**lora("q_proj"), "trainable": ["lm_head", "lm_haed"]})
+
+
+def test_optional_patterns_may_match_nothing() -> None:
+    """One spec for several families: GPT-2's fused c_attn and Llama's q_proj/v_proj, each optional."""
+    spec = lora(["optional:q_proj", "optional:v_proj", "optional:c_attn", "optional:@ffn_output"])
+    assert paths(peftkit.plan(build_model("gpt2-tiny"), spec)) == [
+        f"transformer.h.{i}.{n}" for i in (0, 1) for n in ("attn.c_attn", "mlp.c_proj")
+    ]
+    assert len(peftkit.plan(build_model("llama-tiny"), spec).rows) == 6
+    optional_place = peftkit.plan(build_model("mlp"), lora(["optional:@query", "*"], module_types=["Linear"]))
+    assert optional_place.rows  # a place the model lacks is skipped, not refused
+    with pytest.raises(TargetingError, match="the adapter would be empty"):
+        peftkit.plan(build_model("llama-tiny"), lora(["optional:c_attn"]))
+    trainable = {**lora("q_proj"), "trainable": ["optional:classifier", "lm_head"]}
+    assert peftkit.plan(build_model("llama-tiny"), trainable).trainable_modules == ["lm_head"]
+
+
+def test_suggestions_name_only_modules_the_method_can_adapt() -> None:
+    model = build_model("llama-tiny")
+    with pytest.raises(TargetingError) as caught:
+        peftkit.plan(model, lora("rotary"))
+    suggested = re.findall(r"'([^']+)'", str(caught.value).split("closest: ")[1].split(". Fix")[0])
+    adaptable = {row.path for row in peftkit.plan(model, lora("*", module_types=["Linear", "Embedding"])).rows}
+    assert len(suggested) == 3 and set(suggested) <= adaptable, suggested  # not model.rotary_emb, not a norm
