@@ -204,6 +204,14 @@ def _selected_paths(
     root: nn.Module | None,
 ) -> list[str]:
     """The paths the entry selects; every pattern not marked ``optional:`` must select at least one of them."""
+    matched: list[tuple[str, list[str]]] = []
+    for pattern in config.targets:
+        match = compile_pattern(pattern, places)
+        hits = [path for path in modules if match(path)]
+        if hits:
+            matched.append((pattern, hits))
+        elif not split_optional(pattern)[1]:
+            raise _no_match_error(where, pattern, adaptable_paths(method, modules, places, root), places)
     wanted_layers = None
     if config.layers is not None:
         known = sorted(set(layers.values()))
@@ -217,13 +225,7 @@ def _selected_paths(
         wanted_layers = set(config.layers)
     accepted = method.capabilities.module_types
     selected: dict[str, None] = {}
-    for pattern in config.targets:
-        match = compile_pattern(pattern, places)
-        hits = [path for path in modules if match(path)]
-        if not hits:
-            if split_optional(pattern)[1]:
-                continue
-            raise _no_match_error(where, pattern, adaptable_paths(method, modules, places, root), places)
+    for pattern, hits in matched:
         kept = hits
         if wanted_layers is not None:
             kept = [p for p in kept if layers.get(p) in wanted_layers]
