@@ -30,7 +30,15 @@ from peftkit.io import load, read_spec, save
 from peftkit.method import Adapter, Capabilities, Method, MethodConfig
 from peftkit.peft_format import from_peft, to_peft
 from peftkit.precision import merge_error
-from peftkit.registry import get_method, known_methods, register_method, registered, unregister_method
+from peftkit.registry import (
+    broken_plugins,
+    get_method,
+    known_methods,
+    rediscover,
+    register_method,
+    registered,
+    unregister_method,
+)
 from peftkit.spec import Spec
 from peftkit.targeting import Plan, PlanRow
 
@@ -54,6 +62,7 @@ __all__ = [
     "activate",
     "active_adapters",
     "attach",
+    "broken_plugins",
     "combine",
     "detach",
     "disabled",
@@ -67,6 +76,7 @@ __all__ = [
     "merge_error",
     "plan",
     "read_spec",
+    "rediscover",
     "register_method",
     "registered",
     "route",

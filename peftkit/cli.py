@@ -30,7 +30,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _methods(args: argparse.Namespace) -> int:
-    from peftkit.registry import get_method, known_methods
+    from peftkit.registry import broken_plugins, get_method, known_methods
 
     for name in known_methods():
         method = get_method(name)
@@ -40,6 +40,8 @@ def _methods(args: argparse.Namespace) -> int:
             f"{name:12s} site={caps.site} mergeable={caps.mergeable} identity_at_init={caps.identity_at_init} "
             f"adapts: {types}  ({method.__module__})"
         )
+    for name, reason in sorted(broken_plugins().items()):  # listed, not fatal: the others work
+        print(f"{name:12s} BROKEN: {reason}")
     return 0
 
 

@@ -1,7 +1,9 @@
 """Name -> method class, filled from the ``peftkit.methods`` entry-point group and by :func:`register_method`.
 
 Built-in methods come in through the same entry-point group a third-party package uses, so nothing in the core
-imports them by name. Discovery is lazy (first lookup) so ``import peftkit`` stays cheap.
+imports them by name. Discovery is lazy (first lookup) so ``import peftkit`` stays cheap; :func:`rediscover` looks again, for plugins
+installed after the first lookup. A plugin that fails to load is set aside with its reason (:func:`broken_plugins`)
+and never hides the others.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from peftkit.method import Capabilities, Method, MethodConfig
 ENTRY_POINT_GROUP = "peftkit.methods"
 
 _methods: dict[str, type[Method]] = {}
+_broken: dict[str, str] = {}  # entry-point name -> why it could not be registered
+_loaded_entries: set[str] = set()  # entry-point values registered already, so that a second lookup skips them
 _discovered = False
 
 M = TypeVar("M", bound=type[Method])
@@ -55,17 +59,51 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
+    _load_entry_points()
+
+
+def _load_entry_points() -> None:
+    """Register every entry point of the group that is not registered yet; record the ones that fail.
+
+    One broken plugin (an import error, a name that disagrees with its entry point, a clash) must not make the
+    others unusable: it is kept aside with its reason, reported when its name is asked for and by
+    ``peftkit methods``, and the rest load normally.
+    """
     for entry in entry_points(group=ENTRY_POINT_GROUP):
+        if entry.value in _loaded_entries:
+            continue
         try:
             method = entry.load()
-        except Exception as error:  # a broken plugin must not hide the others; say which one and why
-            raise RegistryError(f"plugin {entry.name!r} ({entry.value}) failed to import: {error}") from error
-        if getattr(method, "name", None) != entry.name:
-            raise RegistryError(
-                f"entry point {entry.name!r} loads {entry.value}, whose name is {getattr(method, 'name', None)!r}; "
-                "the entry-point name and the method's `name` must agree"
+            if getattr(method, "name", None) != entry.name:
+                raise RegistryError(
+                    f"it loads a class whose name is {getattr(method, 'name', None)!r}; the entry-point name and "
+                    "the method's `name` must agree"
+                )
+            _add(method, f"entry point {entry.value}")
+        except Exception as error:  # any failure of third-party code is reported, not raised
+            _broken[entry.name] = (
+                f"plugin {entry.name!r} ({entry.value}) failed to load: {type(error).__name__}: {error}"
             )
-        _add(method, f"entry point {entry.value}")
+        else:
+            _loaded_entries.add(entry.value)
+            _broken.pop(entry.name, None)
+
+
+def rediscover() -> list[str]:
+    """Look through the ``peftkit.methods`` entry points again: plugins installed after the first lookup, and
+    broken ones that were fixed, are registered. Returns the known method names."""
+    import importlib
+
+    _discover()
+    importlib.invalidate_caches()  # a package installed while this process runs is on sys.path's finders now
+    _load_entry_points()
+    return known_methods()
+
+
+def broken_plugins() -> dict[str, str]:
+    """Entry points that could not be registered, by name, each with the reason."""
+    _discover()
+    return dict(_broken)
 
 
 def register_method(method: M) -> M:
@@ -102,6 +140,11 @@ def get_method(name: str) -> type[Method]:
     try:
         return _methods[name]
     except KeyError:
+        if name in _broken:
+            raise RegistryError(
+                f"method {name!r} is not available: {_broken[name]}. Fix or uninstall that package, then call "
+                "peftkit.rediscover() (or restart)"
+            ) from None
         close = difflib.get_close_matches(name, list(_methods), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise RegistryError(
