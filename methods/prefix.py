@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import nn
 
 from peftkit import Adapter, Capabilities, Method, MethodConfig
-from peftkit.attention_sites import AttentionSite, is_causal, widen_mask
+from peftkit.attention_sites import AttentionSite, check_extra_keys, prepend_keys
 
 
 class PrefixConfig(MethodConfig):
@@ -61,6 +61,8 @@ class PrefixAdapter(Adapter):
             self.prefix_values = nn.Parameter(torch.randn(self.shape, **factory) * config.init_std)
         self.gate = nn.Parameter(torch.zeros(site.num_heads, **factory)) if config.gate else None
         self.num_heads = site.num_heads
+        context = getattr(site, "context", None)  # set by targeting: where the host sits, for error messages
+        self.where = f"prefix on {getattr(context, 'path', type(site.module).__name__)!r}"
 
     def prefixes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values, each (kv_heads, length, head_dim)."""
@@ -85,9 +87,9 @@ class PrefixAdapter(Adapter):
         batch = query.shape[0]
         keys, values = (t.to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1) for t in self.prefixes())
         if self.gate is None:
-            mask = widen_mask(mask, self.length, query, key, is_causal(module, kwargs))
-            kwargs["is_causal"] = False  # the widened mask carries the causal pattern now
-            return inner(query, torch.cat([keys, key], dim=2), torch.cat([values, value], dim=2), mask, **kwargs)
+            key, value, mask, kwargs = prepend_keys(module, query, key, value, mask, kwargs, keys, values, self.where)
+            return inner(query, key, value, mask, **kwargs)
+        check_extra_keys(self.where, query, key, keys, None)
         out, weights = inner(query, key, value, mask, **kwargs)  # "b s h d"
         groups = self.num_heads // keys.shape[1]
         keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)

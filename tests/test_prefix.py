@@ -18,7 +18,11 @@ from peftkit.zoo import TINY_MODELS
 _PADDING: dict[str, torch.Tensor] = {}
 
 
-def reference_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+def _padding_of_keys(module, kv_len: int) -> torch.Tensor:
+    return _PADDING["mask"][:, -kv_len:]
+
+
+def reference_attention(module, query, key, value, attention_mask, scaling=None, position_bias=None, **kwargs):
     """softmax(Q [Pk; K]^T * scale + mask) [Pv; V], written out; the mask is rebuilt from the 2-D padding mask."""
     adapter = module.peftkit_adapters["p"]
     prefix_keys, prefix_values = adapter.prefixes()
@@ -32,9 +36,11 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
     allowed = torch.ones(batch, q_len, kv_len, dtype=torch.bool)
     if getattr(module, "is_causal", False):
         allowed &= torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
-    allowed &= _PADDING["mask"][:, None, -kv_len:].bool()
+    allowed &= _PADDING.get("of", _padding_of_keys)(module, kv_len)[:, None].bool()
     allowed = torch.cat([torch.ones(batch, q_len, length, dtype=torch.bool), allowed], dim=-1)[:, None]
     scores = (query @ keys.transpose(-1, -2)) * (scaling if scaling is not None else dim**-0.5)
+    if position_bias is not None:  # T5: a bias per (query, real key); prefix keys carry no position, so none
+        scores = scores + torch.cat([position_bias.new_zeros(*position_bias.shape[:-1], length), position_bias], -1)
     probabilities = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
     return (probabilities @ values).transpose(1, 2).contiguous(), probabilities
 
@@ -196,3 +202,136 @@ def test_lora_on_early_layers_and_prefix_on_late_layers_train_save_load_generate
         fresh.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0),
         model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0),
     )
+
+
+# -- encoder-decoders: T5's position bias, BART's per-stack head counts ------------------------------------------
+
+
+def t5(implementation: str = "sdpa") -> torch.nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=128,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return set_implementation(T5ForConditionalGeneration(config).eval(), implementation)
+
+
+def bart(implementation: str = "sdpa") -> torch.nn.Module:
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(
+        vocab_size=128,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
+    )
+    return set_implementation(BartForConditionalGeneration(config).eval(), implementation)
+
+
+def set_implementation(model: torch.nn.Module, implementation: str) -> torch.nn.Module:
+    """T5's encoder and decoder stacks hold copies of the config: each attention reads its own."""
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+    for config in configs.values():
+        config._attn_implementation = implementation
+    return model
+
+
+ENCODER_DECODER_TARGETS = {
+    "t5": ["SelfAttention", "EncDecAttention"],
+    "bart": ["self_attn", "encoder_attn"],
+}
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_prefix_on_encoder_decoders_equals_a_hand_written_reference(family, implementation):
+    """Every self- and cross-attention gets its own heads' prefix; T5's relative position bias stays on real keys."""
+    torch.manual_seed(0)
+    model = {"t5": t5, "bart": bart}[family](implementation)
+    target = ENCODER_DECODER_TARGETS[family]
+    peftkit.attach(model, {"adapters": {"p": [{"method": "prefix", "length": 3, "target": target}]}})
+    randomise_adapters(model)
+    reference = set_implementation(copy.deepcopy(model), "reference_prefix")
+    ids, mask = padded_batch([6, 3], "left", torch.Generator().manual_seed(3))
+    decoder_ids = torch.randint(2, 128, (2, 4))
+    source = mask.bool()
+    _PADDING["of"] = lambda module, kv_len: torch.ones(2, kv_len) if module.is_causal else mask
+    try:
+        inputs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder_ids}
+        got, expected = model(**inputs), reference(**inputs)
+    finally:
+        del _PADDING["of"]
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-5)
+    encoded = got.encoder_last_hidden_state
+    torch.testing.assert_close(encoded[source], expected.encoder_last_hidden_state[source], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("gate", [False, True])
+def test_prefix_on_encoder_decoders_generates_with_cache_as_stepwise_argmax(family, gate):
+    torch.manual_seed(0)
+    model = {"t5": t5, "bart": bart}[family]()
+    target = ENCODER_DECODER_TARGETS[family]
+    peftkit.attach(model, {"adapters": {"p": [{"method": "prefix", "length": 3, "target": target, "gate": gate}]}})
+    randomise_adapters(model)
+    ids = torch.randint(2, 128, (1, 6))
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    running = generated[:, :1]
+    for _ in range(5):
+        logits = model(input_ids=ids, decoder_input_ids=running, use_cache=False).logits
+        running = torch.cat([running, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, running)
+
+
+def test_prefix_reads_each_attentions_own_heads():
+    """BART's decoder has 2 heads of 16 where its encoder has 4 of 8: each layer's prefix has its own shape."""
+    model = bart()
+    peftkit.attach(model, {"adapters": {"p": [{"method": "prefix", "length": 3, "target": "self_attn"}]}})
+    shapes = {
+        path.rsplit(".peftkit_adapters", 1)[0]: tuple(p.shape)
+        for path, p in model.named_parameters()
+        if path.endswith("prefix_keys")
+    }
+    assert shapes == {"model.encoder.layers.0.self_attn": (4, 3, 8), "model.decoder.layers.0.self_attn": (2, 3, 16)}
+
+
+def test_attention_whose_heads_disagree_with_its_projections_is_refused():
+    model = build("llama", 2)
+    attention = model.model.layers[0].self_attn
+    attention.k_proj = torch.nn.Linear(32, 24, bias=False)  # 3 heads of 8 where num_key_value_groups says 2
+    with pytest.raises(peftkit.TargetingError, match=r"model\.layers\.0\.self_attn.*k_proj.*24"):
+        peftkit.plan(model, {"adapters": {"p": [{"method": "prefix"}]}})
+    del attention.head_dim
+    with pytest.raises(peftkit.TargetingError, match=r"model\.layers\.0\.self_attn.*head size"):
+        peftkit.plan(model, {"adapters": {"p": [{"method": "prefix"}]}})
+
+
+def test_prefix_that_does_not_fit_the_keys_is_a_peftkit_error_not_a_torch_error():
+    """A guard in the attend path: whatever got out of step (a hand-edited prefix here), the error names it."""
+    model = build("llama", 2)
+    peftkit.attach(model, {"adapters": {"p": [{"method": "prefix", "length": 3}]}})
+    adapter = model.model.layers[0].self_attn.peftkit_adapters["p"]
+    adapter.prefix_keys = torch.nn.Parameter(torch.zeros(4, 3, 8))  # 4 heads where the keys have 2
+    with pytest.raises(peftkit.AttachError, match=r"prefix.*4 heads.*keys.*2 heads"):
+        model(input_ids=torch.randint(2, 128, (1, 4)))
