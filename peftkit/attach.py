@@ -51,6 +51,8 @@ class ModelState:
     original_requires_grad: dict[str, bool] = field(default_factory=dict)
     active: set[str] = field(default_factory=set)
     routing: Any = None  # an activation.Routing while `peftkit.route` is in effect
+    # host path -> {parameter name: the shared Parameter} for tied hosts given their own copy by merge(untie=True)
+    untied: dict[str, dict[str, nn.Parameter]] = field(default_factory=dict)
 
     def adapters(self, names: Iterable[str] | None = None) -> list[AttachedAdapter]:
         if names is None:
@@ -150,11 +152,15 @@ def plan_trainable_paths(model: nn.Module, spec: Spec) -> list[str]:
     return paths
 
 
-def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path) -> nn.Module:
+def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path, *, activate: bool = True) -> nn.Module:
     """Attach the spec's adapters to ``model`` in place and return the same model object.
 
     The base is frozen and only the adapters (and the spec's ``trainable`` modules) train. A model that already has
-    adapters gets these as well; names must differ. If anything fails the model is left exactly as it was.
+    adapters gets these as well; names must differ. The new adapters are **activated** by default, next to the
+    ones already active, so the model then runs all of them (summed where they meet, unless a ``compose`` rule
+    says otherwise); ``activate=False`` attaches them inactive (HF PEFT's ``add_adapter``), for
+    :func:`peftkit.activate` or :func:`peftkit.route` to choose later. If anything fails the model is left exactly
+    as it was.
     """
     spec = Spec.coerce(spec)
     previous = get_state(model)
@@ -165,6 +171,7 @@ def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path) -> nn.
         [*(previous.attached if previous else []), *(_Planned(i.row.adapter, i.row.path, i.method) for i in planned)],
     )
     built = [(item, item.method.create(item.config, item.site)) for item in planned]
+    _refuse_adapters_holding_the_base(model, built)
     composed = {n: c.rule for c in combined.compose if c.rule != "stack" for n in c.adapters}
     for item, adapter in built:
         if adapter.transforms_input and item.row.adapter in composed:
@@ -198,7 +205,8 @@ def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path) -> nn.
                 )
             )
         _add_gates(model, state, offset=len(combined.compose) - len(spec.compose))
-        state.active.update(spec.adapters)
+        if activate:
+            state.active.update(spec.adapters)
         _set_training_state(model, state)
     except BaseException:
         new = state.attached[state_before[1] :]
@@ -211,6 +219,23 @@ def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path) -> nn.
             _drop_state(model)
         raise
     return model
+
+
+def _refuse_adapters_holding_the_base(model: nn.Module, built: list[tuple[Any, Adapter]]) -> None:
+    """An adapter that registers one of the model's own modules or parameters (``self.host = site.module``, an
+    easy slip) would make that part of the base trainable, save it with the adapter, and make ``state_dict()``
+    recurse through the host's adapter container: refuse it before the model is touched."""
+    base = {id(m): "module" for m in model.modules()} | {id(p): "parameter" for p in model.parameters()}
+    for item, adapter in built:
+        owned = [*adapter.named_modules(remove_duplicate=False), *adapter.named_parameters(remove_duplicate=False)]
+        for name, value in owned:
+            if name and id(value) in base:
+                raise AttachError(
+                    f"{item.method.name!r} ({item.method.__module__}) registers a {base[id(value)]} of the model as "
+                    f"`{name}` of its adapter at {item.row.path!r}; an adapter may only own new parameters. Keep a "
+                    "plain reference instead: `self.site = site` (a site is not a module), or "
+                    "`self.__dict__['host'] = site.module`"
+                )
 
 
 def _remove(model: nn.Module, state: ModelState, removing: list[AttachedAdapter]) -> None:
@@ -303,17 +328,56 @@ def _rename_gates(model: nn.Module, new_index: dict[int, int]) -> None:
                 container[gate_name(new_index[old])] = module_gates
 
 
-def merge(model: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
+def merge(model: nn.Module, names: Iterable[str] | None = None, *, untie: bool = False) -> nn.Module:
     """Fold active adapters (or the named ones) into the base weights: no added latency at inference.
 
-    Refused up front, before any weight changes, if a chosen adapter's method is not mergeable.
+    Refused up front, before any weight changes, if a chosen adapter's method is not mergeable, or if its host
+    shares a weight with another module (a tied LM head and input embedding): merging would change both modules,
+    while the unmerged adapter changes only its host. ``untie=True`` gives each such host its own copy of the
+    shared tensor while it is merged; :func:`unmerge` puts the shared tensor back, untouched.
     """
     state = require_state(model)
-    for attached in mergeable_choice(state, names):
-        if not attached.module.merged:
-            attached.module.merge()
-            attached.module.merged = True
+    chosen = [a for a in mergeable_choice(state, names) if not a.module.merged]
+    tied = {a.path: shared for a in chosen if (shared := shared_parameters(model, a.path))}
+    if tied and not untie:
+        path, shared = next(iter(tied.items()))
+        owner = next(iter(shared.values()))[0]
+        raise AttachError(
+            f"cannot merge into {path!r}: its {', '.join(shared)} is the same tensor as {owner!r} (tied weights; "
+            f"{len(tied)} such host(s)), so merging would change that module too and the model would no longer "
+            "compute what it computes unmerged. Run it unmerged, leave the tied module out of the target, or "
+            "merge(..., untie=True) to give each tied host its own copy of the weight while merged"
+        )
+    modules = dict(model.named_modules())
+    for path, shared in tied.items():
+        host = modules[path]
+        originals = state.untied.setdefault(path, {})
+        for name in shared:
+            original = host._parameters[name]
+            originals[name] = original
+            host._parameters[name] = nn.Parameter(original.detach().clone(), requires_grad=original.requires_grad)
+    for attached in chosen:
+        attached.module.merge()
+        attached.module.merged = True
     return model
+
+
+def shared_parameters(model: nn.Module, path: str) -> dict[str, list[str]]:
+    """The host's own parameters (by name) that other modules of the model hold too, with those modules' paths."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    host = modules[path]
+    owners: dict[int, list[str]] = {}
+    for other_path, module in modules.items():
+        if module is host:
+            continue
+        for name, parameter in module._parameters.items():
+            if parameter is not None:
+                owners.setdefault(id(parameter), []).append(f"{other_path}.{name}" if other_path else name)
+    return {
+        name: owners[id(parameter)]
+        for name, parameter in host._parameters.items()
+        if parameter is not None and id(parameter) in owners
+    }
 
 
 def mergeable_choice(state: ModelState, names: Iterable[str] | None) -> list[AttachedAdapter]:
@@ -339,19 +403,41 @@ def unmerge(model: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
         if attached.module.merged:
             attached.module.unmerge()
             attached.module.merged = False
+    _retie(model, state)
     return model
 
 
-def merge_and_detach(model: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
+def _retie(model: nn.Module, state: ModelState) -> None:
+    """Give the hosts untied by ``merge(untie=True)`` that hold no merged adapter any more their shared tensor back
+    (never written to, so the tie comes back exactly as it was)."""
+    still_merged = {a.path for a in state.attached if a.module.merged}
+    modules = dict(model.named_modules())
+    for path in [p for p in state.untied if p not in still_merged]:
+        for name, original in state.untied.pop(path).items():
+            modules[path]._parameters[name] = original
+
+
+def merge_and_detach(model: nn.Module, names: Iterable[str] | None = None, *, untie: bool = False) -> nn.Module:
     """Bake adapters (the active ones, or the named ones) into the base weights for good and remove them.
 
     What is left is a plain model with no hooks and no adapter modules, for export or serving (HF PEFT's
-    ``merge_and_unload``). Refused up front, like :func:`merge`, if a chosen adapter cannot be merged."""
+    ``merge_and_unload``). Refused up front, like :func:`merge`, if a chosen adapter cannot be merged or its host
+    shares a weight with another module; with ``untie=True`` such a host keeps its own merged copy for good, and
+    the model's config stops asking transformers to tie the word embeddings again when it is saved and loaded."""
     state = require_state(model)
     chosen = [a for a in state.adapters(names) if names is not None or a.adapter_name in state.active]
-    merge(model, sorted({a.adapter_name for a in chosen}))
+    merge(model, sorted({a.adapter_name for a in chosen}), untie=untie)
     for attached in chosen:
         attached.module.merged = False  # the weights keep the update: detach must not take it out again
+    untied = [path for path in state.untied if path in {a.path for a in chosen}]
+    for path in untied:
+        del state.untied[path]  # the copies stay: they hold the merged update now
+    if untied:
+        config = getattr(model, "config", None)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for holder in {id(c): c for c in (config, text_config) if c is not None}.values():
+            if getattr(holder, "tie_word_embeddings", False):
+                holder.tie_word_embeddings = False
     return detach(model, sorted({a.adapter_name for a in chosen}))
 
 

@@ -64,7 +64,7 @@ class WeightSite:
         In place saves a full-size temporary (the host output is never saved by autograd for these hosts); the
         scale multiplies inside the matmul, so it never costs a pass over a full-size tensor either.
         """
-        b = b.to(h.dtype)
+        b = self._scaled(b).to(h.dtype)
         if out.dtype == h.dtype and out.is_contiguous():
             # When B trains, B^T is copied to a contiguous (r, out_features) matrix (r * out_features values):
             # autograd lays out B's gradient like this input, so it is computed as h^T @ grad, r rows tall, not as
@@ -74,6 +74,17 @@ class WeightSite:
             out.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), b_t, alpha=scale)
             return out
         return out + torch.matmul(h, (b * scale).t()).to(out.dtype)  # the scale on the small (o, r) matrix
+
+    # A host whose forward multiplies its own output by a constant (Gemma's and BART's scaled word embeddings): the
+    # update is scaled the same way, so that the unmerged forward equals the merged one, scale * (W + dW).
+    output_scale: torch.Tensor | float | None = None
+
+    def _scaled(self, b: torch.Tensor) -> torch.Tensor:
+        """``b`` times the host's output scale, applied to the small (out_features, r) factor."""
+        if self.output_scale is None:
+            return b
+        scale = self.output_scale
+        return b * (scale.to(device=b.device, dtype=b.dtype) if isinstance(scale, torch.Tensor) else scale)
 
     def _wide_weight(self) -> torch.Tensor:
         """The weight in float32, or float64 for a float64 model (a copy only for lower precisions)."""
@@ -155,13 +166,50 @@ class Conv2dSite(WeightSite):
 
     def project_out_(self, out: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
         # "n r y x, o r -> n o y x" as a 1x1 convolution; the scale goes on the small (o, r) matrix.
-        update = F.conv2d(h, (b * scale).to(h.dtype)[:, :, None, None])
+        update = F.conv2d(h, (self._scaled(b) * scale).to(h.dtype)[:, :, None, None])
         if out.dtype == update.dtype:
             return out.add_(update)
         return out + update.to(out.dtype)
 
     def weight_as_matrix(self) -> torch.Tensor:
         return self._wide_weight().reshape(self.out_features, -1)
+
+
+def _embedding_site(module: nn.Module) -> WeightSite | str:
+    site = EmbeddingSite(module)  # type: ignore[arg-type]
+    if type(module).forward is not nn.Embedding.forward:
+        scale = output_scale_of(module)
+        if isinstance(scale, str):
+            return scale
+        site.output_scale = scale
+    return site
+
+
+def output_scale_of(module: nn.Module) -> torch.Tensor | float | str:
+    """The constant an nn.Embedding subclass multiplies its lookup by (transformers' ``embed_scale``: Gemma, BART,
+    M2M100...), or a sentence saying why the subclass's forward cannot be followed.
+
+    The subclass is trusted only when it declares a scalar ``embed_scale`` and, where the weight holds values, one
+    lookup through its forward equals ``embed_scale`` times the plain lookup."""
+    name = type(module).__name__
+    refusal = (
+        f"{name} overrides nn.Embedding.forward without a scalar `embed_scale`, so peftkit cannot tell how its "
+        "output follows from its weight (an adapter's merged and unmerged forward could disagree); register a weight "
+        "site for it with peftkit.sites.register_weight_site"
+    )
+    scale = getattr(module, "embed_scale", None)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = scale.reshape(())
+    elif not isinstance(scale, int | float) or isinstance(scale, bool):
+        return refusal
+    weight = module.weight
+    if not weight.is_meta and not (isinstance(scale, torch.Tensor) and scale.is_meta):
+        ids = torch.arange(min(2, weight.shape[0]), device=weight.device)
+        with torch.no_grad():
+            expected = F.embedding(ids, weight) * (scale.to(weight.dtype) if isinstance(scale, torch.Tensor) else scale)
+            if not torch.allclose(type(module).forward(module, ids), expected):  # the host's own forward, no hooks
+                return f"{name}'s forward is not `embed_scale` times its lookup; " + refusal.split("; ")[1]
+    return scale
 
 
 def _linear_site(module: nn.Module) -> WeightSite | str:
@@ -180,20 +228,51 @@ def _conv2d_site(module: nn.Module) -> WeightSite | str:
 # Order matters only for subclasses: the first isinstance match wins.
 _WEIGHT_SITE_TYPES: list[tuple[type[nn.Module], Callable[[nn.Module], WeightSite | str]]] = [
     (nn.Linear, _linear_site),
-    (nn.Embedding, lambda module: EmbeddingSite(module)),  # type: ignore[arg-type]
+    (nn.Embedding, _embedding_site),
     (nn.Conv2d, _conv2d_site),
 ]
 if Conv1D is not None:
     _WEIGHT_SITE_TYPES.append((Conv1D, lambda module: Conv1DSite(module)))
+_REGISTERED_TYPES: set[type[nn.Module]] = set()
 
 
 def register_weight_site(module_type: type[nn.Module], factory: Callable[[nn.Module], WeightSite | str]) -> None:
-    """Teach the core a new linear-like host type (e.g. a quantised linear from another library)."""
+    """Teach the core a new linear-like host type (e.g. a quantised linear from another library); the factory then
+    vouches for how the type's forward follows from its weight."""
     _WEIGHT_SITE_TYPES.insert(0, (module_type, factory))
+    _REGISTERED_TYPES.add(module_type)
 
 
 def weight_site_types() -> tuple[type[nn.Module], ...]:
     return tuple(module_type for module_type, _ in _WEIGHT_SITE_TYPES)
+
+
+def _unfollowable(module: nn.Module, module_type: type[nn.Module]) -> str | None:
+    """Why a host of a known type cannot be treated as that type, or None.
+
+    A weight site adapts the map the weight defines: its weight must hold real numbers (a quantised weight is
+    packed integers), and a subclass must not change what its forward computes from the weight, or the merge rule
+    and the unmerged forward would disagree. Scaled embeddings are the one change the embedding site follows; a
+    type registered with :func:`register_weight_site` is trusted by its registration."""
+    if module_type in _REGISTERED_TYPES:
+        return None
+    name = type(module).__name__
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and not (weight.is_floating_point() or weight.is_complex()):
+        return (
+            f"{name}'s weight is {str(weight.dtype).removeprefix('torch.')}, not floating point (a quantised layer, "
+            "such as bitsandbytes' Linear4bit/Linear8bitLt): peftkit cannot adapt quantised hosts yet; load the "
+            "base in a floating-point dtype or leave this module out of the target"
+        )
+    if type(module).forward is module_type.forward:
+        return None
+    if module_type is nn.Embedding:
+        return None  # the embedding factory follows a scaled lookup and refuses every other override
+    return (
+        f"{name} overrides {module_type.__name__}.forward, so peftkit cannot tell how its output follows from its "
+        "weight (an adapter's merged and unmerged forward could disagree); leave it out of the target, or register "
+        "a weight site for it with peftkit.sites.register_weight_site"
+    )
 
 
 def make_site(kind: str, module: nn.Module, context: Any = None) -> Any:
@@ -215,6 +294,6 @@ def make_site(kind: str, module: nn.Module, context: Any = None) -> Any:
         return make_sublayer_site(kind, module, context)
     for module_type, factory in _WEIGHT_SITE_TYPES:
         if isinstance(module, module_type):
-            return factory(module)
+            return _unfollowable(module, module_type) or factory(module)
     names = ", ".join(t.__name__ for t in weight_site_types())
     return f"{type(module).__name__} is not a linear-like module (weight sites are {names})"

@@ -336,6 +336,21 @@ def failed_attach_leaves_model_unchanged(case: Case) -> None:
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def adapters_follow_the_host_device_and_dtype(case: Case) -> None:
+    """On a meta model every adapter parameter is meta too, in its host's dtype: a method must build on
+    ``site.device`` and ``site.dtype``, or it would put CPU float32 adapters on a GPU or bf16 model."""
+    model = case.fresh().to("meta")
+    peftkit.attach(model, case.spec())
+    modules = dict(model.named_modules())
+    for attached in get_state(model).attached:
+        host = modules[attached.path]
+        own = [p for n, p in host.named_parameters() if ADAPTER_CONTAINER not in n.split(".")]
+        for name, parameter in attached.module.named_parameters():
+            where = f"{attached.path}: adapter parameter {name!r}"
+            assert parameter.is_meta, f"{where} is on {parameter.device}, its host on meta"
+            assert parameter.dtype == own[0].dtype, f"{where} is {parameter.dtype}, its host {own[0].dtype}"
+
+
 PROPERTIES: dict[str, Callable[[Case], None]] = {
     "identity_at_init": identity_at_init,
     "merge_equivalence": merge_equivalence,
@@ -345,6 +360,7 @@ PROPERTIES: dict[str, Callable[[Case], None]] = {
     "detach_restores": detach_restores,
     "parameter_count_matches_formula": parameter_count_matches_formula,
     "failed_attach_leaves_model_unchanged": failed_attach_leaves_model_unchanged,
+    "adapters_follow_the_host_device_and_dtype": adapters_follow_the_host_device_and_dtype,
 }
 
 _NEEDS = {

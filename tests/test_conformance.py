@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import pytest
+import torch
 from hypothesis import strategies as st
 from scale_method import Scale
 
@@ -32,7 +33,7 @@ BUILTIN_CONFIGS = {
     "houlsby": _BOTTLENECK,
     "pfeiffer": _BOTTLENECK,
     "parallel": _BOTTLENECK,
-    "ia3": st.fixed_dictionaries({}, optional={"feedforward": st.sampled_from([["@ffn_output"], ["*"], []])}),
+    "ia3": st.fixed_dictionaries({}, optional={"feedforward": st.sampled_from([["optional:@ffn_output"], ["*"], []])}),
     "prompt": st.fixed_dictionaries({"length": st.integers(1, 4)}),
     "ptuning": st.fixed_dictionaries(
         {
@@ -109,3 +110,27 @@ def test_suite_catches_a_broken_method() -> None:
 
     with peftkit.registered(Broken), pytest.raises(AssertionError, match="merged output differs"):
         testing.check("merge_equivalence", "broken-scale", max_examples=50)
+
+
+def test_suite_catches_a_method_that_ignores_the_host_device() -> None:
+    """A method that builds its parameters on the CPU in float32, whatever ``site.device``/``site.dtype`` say."""
+    from scale_method import ScaleAdapter, ScaleConfig
+
+    class CPUAdapter(ScaleAdapter):
+        def __init__(self, site) -> None:
+            super().__init__(site)
+            self.scale = torch.nn.Parameter(torch.ones(site.out_features))  # the slip: no device, no dtype
+
+    class CPUConfig(ScaleConfig):
+        method: Literal["cpu-scale"] = "cpu-scale"
+
+    class CPUScale(Scale):
+        name = "cpu-scale"
+        config = CPUConfig
+
+        @classmethod
+        def create(cls, config, site):
+            return CPUAdapter(site)
+
+    with peftkit.registered(CPUScale), pytest.raises(AssertionError, match="is on cpu, its host on meta"):
+        testing.check("adapters_follow_the_host_device_and_dtype", "cpu-scale", max_examples=20)
