@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import pytest
@@ -100,6 +101,21 @@ def test_a_scaled_embedding_scales_the_update_like_its_lookup() -> None:
     torch.testing.assert_close(embedding(IDS), weight[IDS] * embedding.embed_scale)
 
 
+def test_a_scaled_embedding_computes_what_hf_peft_computes(tmp_path) -> None:
+    peft = pytest.importorskip("peft")  # the test-only oracle
+    base = tiny_gemma()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+    oracle = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for parameter in (p for p in oracle.parameters() if p.requires_grad):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    with pytest.warns(UserWarning, match="save_embedding_layers"):
+        oracle.save_pretrained(tmp_path)
+    ours = peftkit.from_peft(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(ours(IDS).logits, oracle(input_ids=IDS).logits, atol=1e-5, rtol=0)
+
+
 class OffsetEmbedding(nn.Embedding):
     """Like OPT's learned positions: looks up ``ids + 2``, so its output does not follow its weight as a map of ids."""
 
@@ -158,6 +174,15 @@ def test_a_quantised_host_is_refused_by_name() -> None:
     with pytest.raises(TargetingError, match=r"'1' cannot host 'lora': PackedLinear's weight is uint8, not floating"):
         peftkit.attach(model, lora(["0", "1"]))
     assert get_state(model) is None and not hasattr(model[0], "peftkit_adapters")
+
+
+def test_a_bitsandbytes_4bit_host_is_refused_by_name() -> None:
+    bnb = pytest.importorskip("bitsandbytes")  # not a dependency: where it is installed, the real layer is checked
+    model = nn.Sequential(bnb.nn.Linear4bit(16, 16, quant_type="nf4")).to("cpu")  # .to quantises the weight
+    assert model[0].weight.dtype == torch.uint8
+    with pytest.raises(TargetingError, match="Linear4bit's weight is uint8, not floating point"):
+        peftkit.attach(model, lora("0"))
+    assert get_state(model) is None
 
 
 # -- adapters that take the base in ----------------------------------------------------------------------------
