@@ -1,25 +1,35 @@
-"""Per-family facts: where the attention and feed-forward sub-layers of a transformer are.
+"""Named places: where the attention and feed-forward sub-layers of a transformer are, on the model at hand.
 
 Methods name places, not module paths: ``@attention_output`` is "the attention output projection" in every family.
-A spec target of the form ``@name`` expands, for the model at hand, to a pattern in peftkit's pattern language.
-These facts live in this one table (keyed by transformers' ``config.model_type``) instead of in branches through
-the core; a model whose family is not listed can always be targeted with explicit module paths.
+A spec target of the form ``@name`` expands, for the model at hand, to a pattern in peftkit's pattern language that
+selects exactly the modules found for that place. They are found from the model's structure
+(``peftkit.structure``: its block lists, the modules that compute attention, the projections' widths against the
+hidden size), so any transformers model that has the sub-layer has the place; ``EXCEPTIONS`` (keyed by
+``config.model_type``) holds what structure cannot tell. A place the model lacks is refused with the reason, and
+explicit module paths always work. ``peftkit.plan(model, spec)`` shows what a place selects.
 
 Names:
-    input_embeddings      the token embedding (where virtual tokens go)
-    query, key, value     the attention input projections (GPT-2 fuses all three in ``attn.c_attn``)
-    self_attention        the module that computes attention (where prefix keys and values go)
-    attention             the attention sub-layer, whose output is added to the residual stream
-    attention_output      the attention output projection
+    input_embeddings      the token embedding (where virtual tokens go): ``model.get_input_embeddings()``
+    query, key, value     the self-attention input projections (a fused q/k/v projection, as GPT-2's
+                          ``attn.c_attn`` or Phi-3's ``qkv_proj``, is all three)
+    self_attention        the module that computes self-attention (where prefix keys and values go)
+    attention             the self-attention sub-layer, whose output is added to the residual stream
+    attention_output      the self-attention output projection
     ffn                   the feed-forward sub-layer, whose output is added to the residual stream
     ffn_output            the feed-forward output projection (whose input is the intermediate activation)
+
+On an encoder-decoder every attention place is the self-attention of the encoder and of the decoder blocks;
+cross-attention is reached with explicit paths (``encoder_attn``, ``EncDecAttention``). ``ffn`` and ``ffn_output``
+are every block's feed-forward sub-layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
 
 from torch import nn
+
+from peftkit.structure import Layout, read_layout
 
 PLACEMENT_NAMES = (
     "input_embeddings",
@@ -33,53 +43,30 @@ PLACEMENT_NAMES = (
     "ffn_output",
 )
 
-_LLAMA_LIKE = {
-    "input_embeddings": "embed_tokens",
-    "query": "self_attn.q_proj",
-    "key": "self_attn.k_proj",
-    "value": "self_attn.v_proj",
-    "self_attention": "self_attn",
-    "attention": "self_attn",
-    "attention_output": "self_attn.o_proj",
-    "ffn": "mlp",
-    "ffn_output": "mlp.down_proj",
-}
-_BERT_LIKE = {
-    "input_embeddings": "word_embeddings",
-    "query": "attention.self.query",
-    "key": "attention.self.key",
-    "value": "attention.self.value",
-    "self_attention": "attention.self",
-    # BERT adds the residual inside BertSelfOutput/BertOutput (dense -> dropout -> LayerNorm(x + residual)), so a
-    # sub-layer's output before the residual is its dense projection; its input is read at the sub-layer's entry.
-    "attention": "attention.output.dense",
-    "attention_output": "attention.output.dense",
-    "ffn": r"re:.*\.layer\.\d+\.output\.dense",
-    "ffn_output": r"re:.*\.layer\.\d+\.output\.dense",
+_WHAT = {
+    "input_embeddings": "token input embedding",
+    "query": "self-attention query projection",
+    "key": "self-attention key projection",
+    "value": "self-attention value projection",
+    "self_attention": "self-attention module",
+    "attention": "self-attention sub-layer",
+    "attention_output": "self-attention output projection",
+    "ffn": "feed-forward sub-layer",
+    "ffn_output": "feed-forward output projection",
 }
 
-PLACEMENTS: dict[str, dict[str, str]] = {
-    "gpt2": {
-        "input_embeddings": "wte",
-        "query": "attn.c_attn",
-        "key": "attn.c_attn",
-        "value": "attn.c_attn",
-        "self_attention": "attn",
-        "attention": "attn",
-        "attention_output": "attn.c_proj",
-        "ffn": "mlp",
-        "ffn_output": "mlp.c_proj",
-    },
-    **{family: _LLAMA_LIKE for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "smollm3")},
-    **{family: _BERT_LIKE for family in ("bert", "roberta", "xlm-roberta", "camembert", "electra")},
+# What a family's structure does not tell, as place -> pattern, keyed by config.model_type; an entry overrides what
+# is found. DeepSeek's multi-head latent attention has no key or value projection: ``kv_b_proj`` expands the
+# compressed latent into the keys (their unrotated part) and the values, and the query is ``q_b_proj`` when the
+# query is compressed too (``q_lora_rank``), else ``q_proj``.
+_LATENT_ATTENTION = {
+    "query": r"re:.*\.self_attn\.(?:q_proj|q_b_proj)",
+    "key": "self_attn.kv_b_proj",
+    "value": "self_attn.kv_b_proj",
 }
-
-# Where a sub-layer's input is read when its output is taken from a module deeper inside it, as
-# (suffix of the host path, suffix of the module whose input is the sub-layer's input), longest suffix first.
-SUBLAYER_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
-    family: (("attention.output.dense", "attention.self"), ("output.dense", "intermediate"))
-    for family in ("bert", "roberta", "xlm-roberta", "camembert", "electra")
-}
+EXCEPTIONS: dict[str, dict[str, str]] = {family: _LATENT_ATTENTION for family in ("deepseek_v2", "deepseek_v3")}
+# Per family: (suffix of a host path, suffix of the module whose input is that host's sub-layer input).
+SUBLAYER_INPUT_EXCEPTIONS: dict[str, tuple[tuple[str, str], ...]] = {}
 
 
 def family_of(model: nn.Module) -> str | None:
@@ -87,37 +74,62 @@ def family_of(model: nn.Module) -> str | None:
     return getattr(config, "model_type", None)
 
 
+def as_pattern(paths: list[str], every_path: list[str]) -> str:
+    """A ``re:`` pattern that selects exactly ``paths`` among ``every_path``: with layer indices as ``\\d+`` when
+    that selects nothing else (readable in a plan), else the paths themselves."""
+
+    def general(path: str) -> str:
+        return r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in path.split("."))
+
+    alternatives = list(dict.fromkeys(general(p) for p in paths))
+    regex = re.compile("|".join(alternatives))
+    if {p for p in every_path if regex.fullmatch(p)} != set(paths):
+        alternatives = [re.escape(p) for p in paths]
+    body = alternatives[0] if len(alternatives) == 1 else "(?:" + "|".join(alternatives) + ")"
+    return "re:" + body
+
+
 class Places:
     """Where the named places are on one model: ``@name`` -> a pattern, and where a sub-layer's input is read.
 
-    Built once per model by :func:`places_of` and handed to ``compile_pattern`` and to the sites, so that the
-    knowledge of where things are lives in this module only.
+    Built once per resolve by :func:`places_of` and handed to ``compile_pattern`` and to the sites, so that the
+    knowledge of where things are lives here; the model's structure is read on first use and kept.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.family = family_of(model)
+        self._layout: Layout | None = None
+
+    @property
+    def layout(self) -> Layout:
+        if self._layout is None:
+            self._layout = read_layout(self.model)
+        return self._layout
 
     def pattern(self, name: str) -> str:
         """The pattern that ``@name`` stands for on this model; a TargetingError says why when it has none."""
-        table: Mapping[str, str] | None = PLACEMENTS.get(self.family or "")
-        if table is None:
+        exception = EXCEPTIONS.get(self.family or "", {}).get(name)
+        if exception is not None:
+            return exception
+        paths = self.layout.paths.get(name)
+        if not paths:
             from peftkit.errors import TargetingError
 
-            known = ", ".join(sorted(PLACEMENTS))
+            reason = self.layout.reasons.get(name, "none was found")
             raise TargetingError(
-                f"target '@{name}': peftkit does not know where the {name} of a "
-                f"{self.family or 'non-transformers'!r} model is (known families: {known}); give explicit module "
-                "paths as the target instead"
+                f"target '@{name}': peftkit does not know where the {name} of a {self.family or 'non-transformers'!r} "
+                f"model ({type(self.model).__name__}) is: it looks for the {_WHAT[name]}, but {reason}; give explicit "
+                "module paths as the target instead"
             )
-        return table[name]
+        return as_pattern(paths, [p for p, _ in self.model.named_modules() if p])
 
     def sublayer_input_path(self, path: str) -> str:
         """The path of the module whose input is the sub-layer input for a host at ``path`` (often the host)."""
-        for host_suffix, source_suffix in SUBLAYER_INPUTS.get(self.family or "", ()):
+        for host_suffix, source_suffix in SUBLAYER_INPUT_EXCEPTIONS.get(self.family or "", ()):
             if path == host_suffix or path.endswith("." + host_suffix):
                 return path[: len(path) - len(host_suffix)] + source_suffix
-        return path
+        return self.layout.sources.get(path, path)
 
 
 def places_of(model: nn.Module) -> Places:
