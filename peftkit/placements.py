@@ -100,6 +100,7 @@ class Places:
         self.model = model
         self.family = family_of(model)
         self._layout: Layout | None = None
+        self._patterns: dict[str, str] = {}  # asked once per host by some methods (IA3's feedforward check)
 
     @property
     def layout(self) -> Layout:
@@ -122,7 +123,9 @@ class Places:
                 f"model ({type(self.model).__name__}) is: it looks for the {_WHAT[name]}, but {reason}; give explicit "
                 "module paths as the target instead"
             )
-        return as_pattern(paths, [p for p, _ in self.model.named_modules() if p])
+        if name not in self._patterns:
+            self._patterns[name] = as_pattern(paths, [p for p, _ in self.model.named_modules() if p])
+        return self._patterns[name]
 
     def sublayer_input_path(self, path: str) -> str:
         """The path of the module whose input is the sub-layer input for a host at ``path`` (often the host)."""

@@ -22,6 +22,7 @@ transformers names its sub-layers differently in every family (``self_attn``, ``
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections import Counter
@@ -91,6 +92,14 @@ def roles_of(name: str) -> set[str]:
     return {role for role, spellings in _ROLES.items() if any(words == spelling for spelling in spellings)}
 
 
+@functools.cache
+def _forward_arguments(module_type: type[nn.Module]) -> frozenset[str]:
+    try:
+        return frozenset(inspect.signature(module_type.forward).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
 def _inside(path: str, ancestor: str) -> bool:
     return path == ancestor or path.startswith(ancestor + ".")
 
@@ -99,8 +108,14 @@ def _parent(path: str) -> str:
     return path.rpartition(".")[0]
 
 
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith("Norm")
+def _norm_width(path: str, module: nn.Module) -> int | None:
+    """The width a normalisation layer normalises, or None for other modules and for per-head q/k norms."""
+    if not (isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith("Norm")):
+        return None
+    if tokens(path.rsplit(".", 1)[-1]) & _QK_NORM:
+        return None
+    shape = getattr(module, "normalized_shape", None) or getattr(getattr(module, "weight", None), "shape", None)
+    return int(tuple(shape)[-1]) if shape else None
 
 
 class _Reader:
@@ -150,11 +165,18 @@ class _Reader:
             path = _parent(path)
         return chain
 
-    def hidden_size(self, block: str, attention: str) -> int | None:
-        """The block's hidden size: what its attention projections read (the widest-used input width otherwise)."""
-        inputs = [self.sizes[p][0] for p in self.projections(attention)]
-        inputs = inputs or [self.sizes[p][0] for p in self.projections(block)]
-        return Counter(inputs).most_common(1)[0][0] if inputs else None
+    def hidden_size(self, block: str, cores: list[str]) -> int | None:
+        """The width of the block's residual stream: what its norms normalise (outside attention, where DeepSeek
+        normalises its compressed queries and keys), else the input width its projections share most."""
+        norms = [
+            width
+            for path, module in self.modules.items()
+            if _inside(path, block) and not any(_inside(path, c) for c in cores)
+            if (width := _norm_width(path, module)) is not None
+        ]
+        inputs = [self.sizes[p][0] for p in self.projections(block)]
+        widths = [w for w in norms if w in inputs] or inputs
+        return Counter(widths).most_common(1)[0][0] if widths else None
 
     def is_cross_attention(self, path: str, block: str) -> bool:
         module = self.modules[path]
@@ -172,19 +194,38 @@ class _Reader:
 
     # -- sub-layers -------------------------------------------------------------------------------------------------
 
+    def group_of(self, path: str, block: str) -> str:
+        """The block's child that ``path`` sits in; for a child that is a module list, the list's entry."""
+        parts = path[len(block) + 1 :].split(".")
+        group = f"{block}.{parts[0]}"
+        if group in self.lists and len(parts) > 1:
+            group = f"{group}.{parts[1]}"
+        return group
+
+    def holds_experts(self, path: str, hidden: int) -> bool:
+        """Whether the module holds fused expert weights: (experts, out, in) with the hidden size on one side."""
+        return any(
+            w.dim() == 3 and w.shape[0] > 1 and hidden in tuple(w.shape[1:])
+            for w in self.modules[path].parameters(recurse=False)
+        )
+
+    def output_projections(self, parts: list[str], hidden: int) -> list[str]:
+        """The projections back to the hidden size from another width (intermediate -> hidden); when the widths are
+        equal, the last projection to the hidden size in each module."""
+        projections = [p for p in parts if p in self.sizes]
+        downs = [p for p in projections if self.sizes[p][1] == hidden and self.sizes[p][0] != hidden]
+        if downs:
+            return downs
+        last: dict[str, str] = {}
+        for p in projections:
+            if self.sizes[p][1] == hidden:
+                last[_parent(p)] = p
+        return list(last.values())
+
     def adds_residual(self, path: str, hidden: int) -> bool:
-        module = self.modules[path]
-        try:
-            arguments = set(inspect.signature(type(module).forward).parameters)
-        except (TypeError, ValueError):
-            arguments = set()
-        if arguments & _RESIDUAL_ARGUMENTS:
+        if _forward_arguments(type(self.modules[path])) & _RESIDUAL_ARGUMENTS:
             return True
-        for name, child in self.children(path):
-            width = getattr(child, "normalized_shape", None) or getattr(getattr(child, "weight", None), "shape", None)
-            if _is_norm(child) and width is not None and tuple(width)[-1:] == (hidden,) and not tokens(name) & _QK_NORM:
-                return True
-        return False
+        return any(_norm_width(name, child) == hidden for name, child in self.children(path))
 
     def attention_sublayer(self, core: str, block: str, hidden: int, cores: list[str]) -> str:
         """The largest module around ``core`` that is still only this attention (with its output projection)."""
@@ -245,68 +286,73 @@ def _attention_places(reader: _Reader, layout: Layout, block: str, core: str, su
 
 
 def _feedforward_places(reader: _Reader, layout: Layout, block: str, sublayers: list[str], hidden: int) -> bool:
-    """The block's feed-forward places; True when its experts' weights are fused parameters rather than modules."""
+    """The block's feed-forward places; True when its experts' weights are fused parameters rather than modules.
 
-    def weighted(path: str, module: nn.Module) -> bool:
-        if isinstance(module, nn.Embedding):
-            return False
-        return any(p.dim() >= 2 for p in module.parameters(recurse=False))
-
-    parts = [
-        p
-        for p, m in reader.modules.items()
-        if _inside(p, block) and p != block and not any(_inside(p, s) for s in sublayers) and weighted(p, m)
-    ]
-    if not parts:
-        return False
-    fused_experts = [p for p in parts if any(w.dim() >= 3 for w in reader.modules[p].parameters(recurse=False))]
-    projections = [p for p in parts if p in reader.sizes]
-    downs = [p for p in projections if reader.sizes[p][1] == hidden and reader.sizes[p][0] != hidden]
-    if not downs:  # intermediate width == hidden width: each unit's last projection back to the hidden size
-        last: dict[str, str] = {}
-        for p in projections:
-            if reader.sizes[p][1] == hidden:
-                last[_parent(p)] = p
-        downs = list(last.values())
-    if not downs and not fused_experts:
-        return False
-    # The feed-forward module: the smallest one below the block that holds every part (router, experts, shared expert).
-    container = _common_ancestor(parts)
-    if container == block or not _inside(container, block) or container in reader.lists:
-        container = None
-    if fused_experts:
-        layout.reasons.setdefault(
-            "ffn_output",
-            f"its experts' output projections are fused parameters of {type(reader.modules[fused_experts[0]]).__name__}"
-            f" ({fused_experts[0]}), not modules",
-        )
-    else:
+    The block's weighted modules outside its attention are grouped by the block's child they sit in (through T5's
+    list of sub-layers). A group that holds both an input projection and an output projection (or fused experts) is
+    a feed-forward module of its own (Llama's ``mlp``, T5's ``DenseReluDense``, a mixture of experts with its router
+    and shared expert); what is left, when it is one input and one output projection side by side (BERT's
+    ``intermediate`` and ``output``, OPT's ``fc1`` and ``fc2``), is a feed-forward sub-layer with no module of its own.
+    A group holding a convolution mixes along the sequence (a Mamba or conformer convolution block) and is no
+    feed-forward.
+    """
+    groups: dict[str, list[str]] = {}
+    for path, module in reader.modules.items():
+        if not _inside(path, block) or path == block or any(_inside(path, s) for s in sublayers):
+            continue
+        if isinstance(module, nn.Embedding) or not any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+            continue
+        groups.setdefault(reader.group_of(path, block), []).append(path)
+    fused = False
+    loose: list[str] = []
+    for parts in groups.values():
+        if any(isinstance(reader.modules[p], nn.modules.conv._ConvNd) for p in parts):
+            continue
+        experts = [p for p in parts if reader.holds_experts(p, hidden)]
+        downs = reader.output_projections(parts, hidden)
+        inputs = [p for p in parts if p in reader.sizes and reader.sizes[p][0] == hidden and p not in downs]
+        if not (experts or (downs and inputs)):
+            loose.extend(parts)
+            continue
+        fused = fused or bool(experts)
+        if experts:
+            layout.reasons.setdefault(
+                "ffn_output",
+                f"its experts' output projections are fused parameters of {type(reader.modules[experts[0]]).__name__}"
+                f" ({experts[0]}), not modules",
+            )
         for down in downs:
             layout.add("ffn_output", down)
-    if container is not None:
-        host = container
-        if reader.adds_residual(container, hidden):  # BLOOM's MLP: its output projection, input read at its entry
-            if len(downs) != 1:
-                return bool(fused_experts)
+        container = _common_ancestor(parts) if len(parts) > 1 else _parent(parts[0])
+        if container == block or container in reader.lists:
+            continue
+        if not reader.adds_residual(container, hidden):
+            layout.add("ffn", container)
+        elif len(downs) == 1:  # BLOOM's MLP adds the residual: its output projection, input read at its entry
             host = reader.host(container, downs[0], hidden)
+            layout.add("ffn", host)
             layout.sources[host] = container
-        layout.add("ffn", host)
-        return bool(fused_experts)
-    # No module holds the feed-forward part alone (BERT's intermediate/output, OPT's fc1/fc2 on the block): the
-    # sub-layer is its output projection, and its input is read where the input projection starts.
+    downs = reader.output_projections(loose, hidden)
     if len(downs) != 1:
-        return bool(fused_experts)
+        return fused
+    # No module holds the feed-forward part alone: the sub-layer is its output projection, read from where the
+    # input projection starts.
     down = downs[0]
+    ups = [
+        p for p in loose if p in reader.sizes and reader.sizes[p][0] == hidden and reader.order[p] < reader.order[down]
+    ]
+    if not ups:
+        return fused
+    layout.add("ffn_output", down)
     host = down
     for ancestor in reader._ancestors(_parent(down)):
-        if ancestor == block or any(_inside(p, ancestor) for p in parts if p != down):
-            break
-        if reader.adds_residual(ancestor, hidden):
+        if (
+            ancestor == block
+            or any(_inside(p, ancestor) for p in loose if p != down)
+            or reader.adds_residual(ancestor, hidden)
+        ):
             break
         host = ancestor
-    ups = [p for p in projections if reader.sizes[p][0] == hidden and reader.order[p] < reader.order[down]]
-    if not ups:
-        return bool(fused_experts)
     source = ups[-1]
     for ancestor in reader._ancestors(_parent(source)):
         if ancestor == block or _inside(down, ancestor):
@@ -314,7 +360,7 @@ def _feedforward_places(reader: _Reader, layout: Layout, block: str, sublayers: 
         source = ancestor
     layout.add("ffn", host)
     layout.sources[host] = source
-    return bool(fused_experts)
+    return fused
 
 
 def _common_ancestor(paths: list[str]) -> str:
@@ -357,7 +403,7 @@ def read_layout(model: nn.Module) -> Layout:
             layout.reasons[place] = "no attention module was found in a list of repeated blocks"
     fused_experts = False
     for block, in_block in sorted(blocks.items(), key=lambda item: reader.order[item[0]]):
-        hidden = reader.hidden_size(block, in_block[0])
+        hidden = reader.hidden_size(block, in_block)
         if hidden is None:
             continue
         sublayers = []
