@@ -1,10 +1,13 @@
 """Input sites: virtual tokens before the model's input embeddings (prompt tuning, P-tuning).
 
 The host is the model's input embedding (``model.get_input_embeddings()``); the work happens in a pre-hook on
-the model the user calls, which sees all of its inputs. On a fresh sequence it embeds the ids, puts the adapter's
-virtual tokens in front, widens the attention mask (and ``token_type_ids``), shifts any ``position_ids`` and marks
-the virtual positions of ``labels`` as ignored (-100). During cached generation the virtual tokens are already in
-the cache, so later steps only widen the mask and shift the positions. No model forward is copied.
+the model the user calls, which sees all of its inputs. On a fresh sequence it embeds the ids and puts the adapter's
+virtual tokens immediately before each row's first real token: after a left-padded row's pads, so that the row's
+virtual and real tokens lie next to each other as when the row runs alone (a sliding window, which counts index
+positions, would otherwise drop the virtual tokens earlier in a padded row). ``attention_mask``, ``token_type_ids``,
+``position_ids`` and ``labels`` (-100 at the virtual positions) get the same layout. During cached generation the
+virtual tokens are already in the cache, so later steps only widen the mask at the same place and shift the
+positions. No model forward is copied.
 """
 
 from __future__ import annotations
@@ -25,11 +28,37 @@ def _cache_length(kwargs: dict[str, Any]) -> int:
     return int(cache.get_seq_length())
 
 
-def _prepend(tensor: torch.Tensor | None, length: int, fill: int) -> torch.Tensor | None:
+def first_real_token(kwargs: dict[str, Any], batch: int, device: torch.device) -> torch.Tensor:
+    """Each row's first attended position in a 2-D ``attention_mask`` (batch,); 0 for every row without one."""
+    mask = kwargs.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    return mask.ne(0).int().argmax(dim=1)  # the first maximum; 0 for a row that is all padding
+
+
+def insert(tensor: torch.Tensor, start: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (b s ...) with ``block`` (b p ...) inserted along the sequence before position ``start[row]``."""
+    batch, width, length = tensor.shape[0], tensor.shape[1], block.shape[1]
+    j = torch.arange(width + length, device=tensor.device)[None]  # "1 (s p)"
+    begin = start.to(tensor.device)[:, None]
+    source = torch.where(j < begin, j, j - length)  # where each output position reads from in ``tensor``
+    source = torch.where((j >= begin) & (j < begin + length), width + j - begin, source)  # ... or in ``block``
+    index = source.view(batch, width + length, *[1] * (tensor.dim() - 2)).expand(-1, -1, *tensor.shape[2:])
+    return torch.cat([tensor, block.to(tensor.dtype)], dim=1).gather(1, index)
+
+
+def _insert_filled(tensor: torch.Tensor | None, start: torch.Tensor, length: int, fill: int) -> torch.Tensor | None:
     if tensor is None:
         return None
-    pad = torch.full((tensor.shape[0], length), fill, dtype=tensor.dtype, device=tensor.device)
-    return torch.cat([pad, tensor], dim=1)
+    return insert(tensor, start, torch.full((tensor.shape[0], length), fill, dtype=tensor.dtype, device=tensor.device))
+
+
+def _insert_positions(positions: torch.Tensor, start: torch.Tensor, length: int) -> torch.Tensor:
+    """The virtual tokens count 0..length-1 from each row's start; the real tokens after them move up by length."""
+    index = torch.arange(positions.shape[-1], device=positions.device)
+    shifted = torch.where(index >= start.to(positions.device)[:, None], positions + length, positions)
+    head = torch.arange(length, device=positions.device).expand(positions.shape[0], -1)
+    return insert(shifted, start, head)
 
 
 class InputSite:
@@ -64,21 +93,22 @@ class InputSite:
             ids = kwargs.pop("input_ids", None)
             if embeds is None:
                 embeds = self.module(ids)
+            start = first_real_token(kwargs, embeds.shape[0], embeds.device)
             virtual = adapter.virtual_tokens().to(embeds.dtype)  # "p d"
-            kwargs["inputs_embeds"] = torch.cat([virtual.expand(embeds.shape[0], -1, -1), embeds], dim=1)
+            kwargs["inputs_embeds"] = insert(embeds, start, virtual.expand(embeds.shape[0], -1, -1))
             labels = kwargs.get("labels")
             if labels is not None and labels.dim() >= 2:  # per-token labels; a sequence's label stays as it is
-                kwargs["labels"] = _prepend(labels, length, IGNORE_INDEX)
-            kwargs["token_type_ids"] = _prepend(kwargs.get("token_type_ids"), length, 0)
+                kwargs["labels"] = _insert_filled(labels, start, length, IGNORE_INDEX)
+            kwargs["token_type_ids"] = _insert_filled(kwargs.get("token_type_ids"), start, length, 0)
             if kwargs.get("position_ids") is not None:
-                positions = kwargs["position_ids"]
-                head = torch.arange(length, device=positions.device).expand(positions.shape[0], -1)
-                kwargs["position_ids"] = torch.cat([head, positions + length], dim=1)
+                kwargs["position_ids"] = _insert_positions(kwargs["position_ids"], start, length)
         elif kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + length
         mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2:
-            kwargs["attention_mask"] = _prepend(mask, length, 1)
+        if mask is not None and mask.dim() == 2:  # the same place as on the first step: the pads have not moved
+            kwargs["attention_mask"] = _insert_filled(
+                mask, first_real_token(kwargs, mask.shape[0], mask.device), length, 1
+            )
         return args, {k: v for k, v in kwargs.items() if v is not None or k not in ("labels", "token_type_ids")}
 
 

@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import peftkit
 from peftkit.testing import randomise_adapters
@@ -143,3 +145,105 @@ def test_a_sequence_classifier_keeps_its_per_sequence_labels():
     assert torch.allclose(out.loss, expected)
     out.loss.backward()
     assert model.bert.embeddings.word_embeddings.peftkit_adapters["default"].prompt_embedding.grad is not None
+
+
+# -- virtual tokens after the left pads: a padded row computes what it computes alone ------------------------------
+
+
+def sliding_window_model(family: str, window: int) -> torch.nn.Module:
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    fields = dict(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        sliding_window=window,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="sdpa",
+    )
+    if family == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**fields, use_sliding_window=True, max_window_layers=0)).eval()
+    return MistralForCausalLM(MistralConfig(**fields)).eval()
+
+
+def left_padded(rows: list[int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(rows)
+    ids = torch.randint(2, 128, (len(rows), width), generator=generator)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, n in enumerate(rows):
+        mask[i, width - n :] = 1
+    return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+@settings(max_examples=max(settings.default.max_examples // 3, 8))
+@given(
+    family=st.sampled_from(["mistral", "qwen2", "llama"]),
+    window=st.integers(2, 6),
+    rows=st.lists(st.integers(1, 8), min_size=2, max_size=3),
+    length=st.integers(1, 4),
+    method=st.sampled_from(["prompt", "ptuning"]),
+    seed=st.integers(0, 100),
+)
+def test_left_padded_rows_equal_each_row_alone(family, window, rows, length, method, seed):
+    """Virtual tokens sit right before each row's first real token, so sliding windows see what the row alone sees."""
+    torch.manual_seed(seed)
+    model = sliding_window_model(family, window) if family != "llama" else build("llama")
+    peftkit.attach(model, {"adapters": {"p": [{"method": method, "length": length}]}})
+    randomise_adapters(model, seed)
+    ids, mask = left_padded(rows, torch.Generator().manual_seed(seed))
+    labels = ids.masked_fill(mask == 0, -100)
+    batch = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), labels=labels)
+    losses = []
+    for row in range(len(rows)):
+        keep = mask[row].bool()
+        alone = model(input_ids=ids[row : row + 1, keep], labels=ids[row : row + 1, keep])
+        real = torch.cat([torch.zeros(ids.shape[1] - rows[row], dtype=torch.bool), torch.ones(length + rows[row])])
+        torch.testing.assert_close(batch.logits[row][real.bool()], alone.logits[0], rtol=1e-4, atol=1e-5)
+        losses.append(alone.loss)
+    if len(set(rows)) == 1:  # rows of one length weigh alike in the batch's mean loss
+        torch.testing.assert_close(batch.loss, torch.stack(losses).mean(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_left_padded_generation_with_a_sliding_window_matches_each_row_alone(family):
+    torch.manual_seed(0)
+    model = sliding_window_model(family, 3)
+    peftkit.attach(model, {"adapters": {"p": [{"method": "prompt", "length": 3}]}})
+    randomise_adapters(model)
+    ids, mask = left_padded([6, 2, 4], torch.Generator().manual_seed(1))
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for row in range(3):
+        alone = ids[row : row + 1, mask[row].bool()]
+        single = model.generate(alone, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(batch[row, -6:], single[0, -6:])
+
+
+def test_virtual_tokens_go_after_the_left_pads_in_every_input():
+    """The layout a left-padded row gets: pads, virtual tokens, real tokens, in the mask, labels and types alike."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    model = BertForMaskedLM(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=128)
+    ).eval()
+    peftkit.attach(model, {"adapters": {"p": [{"method": "prompt", "length": 2}]}})
+    seen = {}
+    model.bert.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    ids, mask = torch.tensor([[7, 8, 9], [7, 8, 9]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
+    types, labels = torch.tensor([[1, 0, 1], [0, 1, 1]]), torch.tensor([[-100, 3, 4], [5, 6, 7]])
+    model(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
+    assert seen["attention_mask"].tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert seen["token_type_ids"].tolist() == [[1, 0, 0, 0, 1], [0, 0, 0, 1, 1]]
+    embeds, virtual = seen["inputs_embeds"], adapter_of(model).virtual_tokens()
+    assert torch.equal(embeds[0, 1:3], virtual) and torch.equal(embeds[1, 0:2], virtual)
+    words = model.get_input_embeddings()
+    assert torch.equal(embeds[0, [0, 3, 4]], words(ids[0])) and torch.equal(embeds[1, 2:], words(ids[1]))
