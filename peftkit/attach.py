@@ -10,7 +10,7 @@ rolls back what was installed, so a failed attach leaves the model as it was.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,10 +54,10 @@ class ModelState:
     # host path -> {parameter name: the shared Parameter} for tied hosts given their own copy by merge(untie=True)
     untied: dict[str, dict[str, nn.Parameter]] = field(default_factory=dict)
 
-    def adapters(self, names: Iterable[str] | None = None) -> list[AttachedAdapter]:
+    def adapters(self, names: str | Iterable[str] | None = None) -> list[AttachedAdapter]:
         if names is None:
             return list(self.attached)
-        wanted = set(names)
+        wanted = {names} if isinstance(names, str) else set(names)  # one name, not its letters
         unknown = wanted - {a.adapter_name for a in self.attached}
         if unknown:
             known = sorted({a.adapter_name for a in self.attached})
@@ -182,43 +182,70 @@ def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path, *, act
 
     state = previous or ModelState(spec=combined)
     saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    state_before = (state.spec, len(state.attached), set(state.active))
+    # Every change is logged with its inverse as it is made, so a failure at any step (a hostile adapter name, a
+    # site's install, a gate) unwinds exactly what was done so far, in reverse order.
+    undo: list[Callable[[], None]] = []
     try:
-        object.__setattr__(model, STATE_ATTRIBUTE, state)
+        if previous is None:
+            object.__setattr__(model, STATE_ATTRIBUTE, state)
+            undo.append(functools.partial(_drop_state, model))
+        undo.append(functools.partial(_restore_fields, state, state.spec, set(state.active), state.untied))
+        undo.append(functools.partial(_restore_dict, state.original_requires_grad, dict(state.original_requires_grad)))
         state.spec = combined
         for item, adapter in built:
-            container = getattr(item.module, ADAPTER_CONTAINER, None)
-            if container is None:
-                container = nn.ModuleDict()
-                container.__dict__["_peftkit_state"] = state  # for hooks that find adapters through their host
-                item.module.add_module(ADAPTER_CONTAINER, container)
-                state.hooks[item.row.path] = item.module.register_forward_hook(_make_hook(state), with_kwargs=True)
-            container[item.row.adapter] = adapter
-            adapter.__dict__["peftkit_method"] = item.method  # routing groups a host's adapters by method
-            extra = item.site.install(adapter) if hasattr(item.site, "install") else []
-            if adapter.transforms_input:
-                hook = _make_input_hook(state, item.row.adapter, adapter)
-                extra.append(item.module.register_forward_pre_hook(hook, with_kwargs=True))
-            state.attached.append(
-                AttachedAdapter(
-                    item.row.adapter, item.row.path, item.method, item.config, adapter, item.row.entry, extra
-                )
-            )
-        _add_gates(model, state, offset=len(combined.compose) - len(spec.compose))
+            _install(state, item, adapter, undo)
+        _add_gates(model, state, len(combined.compose) - len(spec.compose), undo)
         if activate:
             state.active.update(spec.adapters)
         _set_training_state(model, state)
     except BaseException:
-        new = state.attached[state_before[1] :]
-        _remove(model, state, new)
-        state.spec, state.active = state_before[0], state_before[2]
+        for step in reversed(undo):
+            step()
         for name, parameter in model.named_parameters():
             if name in saved_flags:
                 parameter.requires_grad_(saved_flags[name])
-        if previous is None:
-            _drop_state(model)
         raise
     return model
+
+
+def _install(state: ModelState, item: Any, adapter: Adapter, undo: list[Callable[[], None]]) -> None:
+    """Put one built adapter on its host: container, forward hook, the site's own hooks; each step logs its undo."""
+    host, path, name = item.module, item.row.path, item.row.adapter
+    container = getattr(host, ADAPTER_CONTAINER, None)
+    if container is None:
+        container = nn.ModuleDict()
+        container.__dict__["_peftkit_state"] = state  # for hooks that find adapters through their host
+        host.add_module(ADAPTER_CONTAINER, container)
+        undo.append(functools.partial(delattr, host, ADAPTER_CONTAINER))
+        handle = host.register_forward_hook(_make_hook(state), with_kwargs=True)
+        state.hooks[path] = handle
+        undo.append(functools.partial(_drop_hook, state, path, handle))
+    container[name] = adapter
+    undo.append(functools.partial(container.__delitem__, name))
+    adapter.__dict__["peftkit_method"] = item.method  # routing groups a host's adapters by method
+    extra = item.site.install(adapter) if hasattr(item.site, "install") else []
+    undo.extend(handle.remove for handle in extra)
+    if adapter.transforms_input:
+        hook = _make_input_hook(state, name, adapter)
+        extra.append(host.register_forward_pre_hook(hook, with_kwargs=True))
+        undo.append(extra[-1].remove)
+    attached = AttachedAdapter(name, path, item.method, item.config, adapter, item.row.entry, extra)
+    state.attached.append(attached)
+    undo.append(functools.partial(state.attached.remove, attached))
+
+
+def _drop_hook(state: ModelState, path: str, handle: RemovableHandle) -> None:
+    handle.remove()
+    state.hooks.pop(path, None)
+
+
+def _restore_fields(state: ModelState, spec: Spec, active: set[str], untied: dict) -> None:
+    state.spec, state.active, state.untied = spec, active, untied
+
+
+def _restore_dict(target: dict, snapshot: dict) -> None:
+    target.clear()
+    target.update(snapshot)
 
 
 def _refuse_adapters_holding_the_base(model: nn.Module, built: list[tuple[Any, Adapter]]) -> None:
@@ -260,7 +287,7 @@ def _drop_state(model: nn.Module) -> None:
         object.__delattr__(model, STATE_ATTRIBUTE)
 
 
-def detach(model: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
+def detach(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
     """Remove adapters (all, or the named ones); merged ones are unmerged first.
 
     Detaching every adapter of an unmerged model restores it bit for bit, ``requires_grad`` flags included.
@@ -298,8 +325,9 @@ class _Planned:
     method: type[Method]
 
 
-def _add_gates(model: nn.Module, state: ModelState, offset: int) -> None:
-    """Learned gates for the spec's ``gate`` rules (from rule ``offset`` on), at each host one of their members is."""
+def _add_gates(model: nn.Module, state: ModelState, offset: int, undo: list[Callable[[], None]]) -> None:
+    """Learned gates for the spec's ``gate`` rules (from rule ``offset`` on), at each host one of their members is;
+    each added gate logs its removal in ``undo``."""
     modules = dict(model.named_modules())
     for index, composition in enumerate(state.spec.compose[offset:], start=offset):
         if composition.rule != "gate":
@@ -311,6 +339,7 @@ def _add_gates(model: nn.Module, state: ModelState, offset: int) -> None:
                 parameter = next(member.parameters())
                 count = len(composition.adapters)
                 container[gate_name(index)] = Gates(count, composition.gate_init, parameter.device, parameter.dtype)
+                undo.append(functools.partial(container.__delitem__, gate_name(index)))
 
 
 def _rename_gates(model: nn.Module, new_index: dict[int, int]) -> None:
@@ -328,7 +357,7 @@ def _rename_gates(model: nn.Module, new_index: dict[int, int]) -> None:
                 container[gate_name(new_index[old])] = module_gates
 
 
-def merge(model: nn.Module, names: Iterable[str] | None = None, *, untie: bool = False) -> nn.Module:
+def merge(model: nn.Module, names: str | Iterable[str] | None = None, *, untie: bool = False) -> nn.Module:
     """Fold active adapters (or the named ones) into the base weights: no added latency at inference.
 
     Refused up front, before any weight changes, if a chosen adapter's method is not mergeable, or if its host
@@ -396,7 +425,7 @@ def mergeable_choice(state: ModelState, names: Iterable[str] | None) -> list[Att
     return chosen
 
 
-def unmerge(model: nn.Module, names: Iterable[str] | None = None) -> nn.Module:
+def unmerge(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
     """Undo :func:`merge` (exact up to the rounding of the weight's dtype)."""
     state = require_state(model)
     for attached in state.adapters(names):
@@ -417,7 +446,7 @@ def _retie(model: nn.Module, state: ModelState) -> None:
             modules[path]._parameters[name] = original
 
 
-def merge_and_detach(model: nn.Module, names: Iterable[str] | None = None, *, untie: bool = False) -> nn.Module:
+def merge_and_detach(model: nn.Module, names: str | Iterable[str] | None = None, *, untie: bool = False) -> nn.Module:
     """Bake adapters (the active ones, or the named ones) into the base weights for good and remove them.
 
     What is left is a plain model with no hooks and no adapter modules, for export or serving (HF PEFT's

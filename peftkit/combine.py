@@ -33,7 +33,7 @@ from torch import nn
 from peftkit.attach import AttachedAdapter, attach, detach, require_state
 from peftkit.errors import AttachError, SpecError
 from peftkit.method import Adapter, MethodConfig
-from peftkit.spec import ADAPTER_NAME
+from peftkit.spec import adapter_name_problem
 
 How = Literal["linear", "ties", "dare"]
 RULES = ("linear", "ties", "dare")
@@ -202,10 +202,9 @@ def combine(
     state = require_state(model)
     rule = _check_arguments(weights, how, rank, seed)
     _check_density(density)
-    if not isinstance(into, str) or not ADAPTER_NAME.match(into):
-        raise SpecError(
-            f"into={into!r}: an adapter name must start with a letter or '_' and hold only letters, digits, '_', '-'"
-        )
+    problem = adapter_name_problem(into)
+    if problem:
+        raise SpecError(f"into: {problem}")
     if into in {a.adapter_name for a in state.attached}:
         raise AttachError(f"an adapter named {into!r} is already attached; pick another name for the combination")
     names = list(weights)

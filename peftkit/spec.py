@@ -25,13 +25,31 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from torch import nn
 
 from peftkit.compose import Composition
 from peftkit.errors import PeftkitError, SpecError
 from peftkit.method import MethodConfig
 from peftkit.registry import get_method
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")  # fullmatch: "$" would accept a trailing newline
+# An adapter's name is its key in the host's nn.ModuleDict, so it cannot be one of that container's attributes.
+RESERVED_NAMES = frozenset(name for name in dir(nn.ModuleDict()) if ADAPTER_NAME.fullmatch(name))
+
+
+def adapter_name_problem(name: Any) -> str | None:
+    """What is wrong with ``name`` as an adapter name, or None."""
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        return (
+            f"adapter name {str(name)[:80]!r} must start with a letter or '_' and hold only letters, digits, '_' "
+            "and '-' (at most 64 characters)"
+        )
+    if name in RESERVED_NAMES:
+        return (
+            f"adapter name {name!r} is reserved (it is an attribute of the nn.ModuleDict that holds a host's "
+            "adapters); choose another name"
+        )
+    return None
 
 
 def _format_validation_error(error: ValidationError, prefix: str = "") -> str:
@@ -101,11 +119,9 @@ class Spec(BaseModel):
             return data
         typed: dict[Any, Any] = {}
         for name, entries in adapters.items():
-            if not isinstance(name, str) or not ADAPTER_NAME.match(name):
-                raise ValueError(
-                    f"adapters: adapter name {name!r} must start with a letter or '_' and hold only letters, "
-                    "digits, '_' and '-'"
-                )
+            problem = adapter_name_problem(name)
+            if problem:
+                raise ValueError(f"adapters: {problem}")
             if isinstance(entries, Mapping):
                 entries = [entries]
             if not isinstance(entries, list) or not entries:
