@@ -13,7 +13,8 @@ transformers names its sub-layers differently in every family (``self_attn``, ``
   output projection (intermediate -> hidden) from its input projections. Names are read only where widths cannot
   tell: which of three hidden -> hidden projections is the query, and whether an attention module is cross-attention.
 - **Everything else in a block that holds a weight** (outside its attention sub-layers) is its feed-forward part,
-  including a mixture-of-experts router and fused expert weights.
+  including a mixture-of-experts router and fused expert weights, grouped by the block's child it sits in; a group
+  holding a convolution mixes along the sequence (Mamba, a conformer's convolution) and is left out.
 - A module **adds the residual itself** when its forward takes the residual (``residual``, ``input_tensor``: BERT's
   ``BertOutput``, BLOOM's attention and MLP) or it holds a norm over the hidden stream (ALBERT's attention, T5's
   ``T5LayerFF``). The sub-layer whose output is added to the residual stream is then the output projection inside it,
@@ -249,7 +250,8 @@ class _Reader:
         return host
 
 
-def _attention_places(reader: _Reader, layout: Layout, block: str, core: str, sublayer: str, hidden: int) -> None:
+def _attention_places(reader: _Reader, layout: Layout, core: str, sublayer: str, hidden: int) -> None:
+    """The places of one self-attention: ``core`` computes it, ``sublayer`` is it with its output projection."""
     layout.add("self_attention", core)
     inside = reader.projections(core)
     roles = {p: roles_of(p.rsplit(".", 1)[-1]) for p in inside}
@@ -412,7 +414,7 @@ def read_layout(model: nn.Module) -> Layout:
             sublayers.append(sublayer)
             if reader.is_cross_attention(core, block):
                 continue
-            _attention_places(reader, layout, block, core, sublayer, hidden)
+            _attention_places(reader, layout, core, sublayer, hidden)
         fused_experts |= _feedforward_places(reader, layout, block, sublayers, hidden)
     if fused_experts:  # the projections that are modules (dense layers, a shared expert) are only part of it
         layout.paths.pop("ffn_output", None)
