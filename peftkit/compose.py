@@ -31,7 +31,7 @@ Rule = Literal["sum", "stack", "gate", "average"]
 class Composition(BaseModel):
     """One rule over a set of the spec's adapters, at every host where they meet (or at ``target`` hosts)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
     rule: Rule
     adapters: list[str] = Field(min_length=2, description="adapter names of this spec, in the order of the rule")

@@ -26,7 +26,8 @@ ALL_RULES = frozenset({"sum", "stack", "gate", "average"})  # see peftkit.compos
 class MethodConfig(BaseModel):
     """Fields every spec entry has; a method's own config subclasses this and pins ``method`` to a Literal."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # allow_inf_nan=False: an infinite alpha or a NaN scale would pass every range check and poison the model
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
     method: str
     target: str | list[str] = Field(description="module-path glob(s); a 're:' prefix makes a regex")

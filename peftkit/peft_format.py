@@ -30,6 +30,7 @@ from peftkit.method import Method
 from peftkit.registry import get_method, known_methods
 from peftkit.spec import Spec
 from peftkit.targeting import ADAPTER_CONTAINER
+from peftkit.untrusted import parse_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -86,10 +87,7 @@ def module_path(model: nn.Module, module: nn.Module) -> str:
 def read_peft_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG_FILE
     text = read_small_file(path, MAX_CONFIG_BYTES, f"a PEFT checkpoint folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
-    try:
-        config = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON: {error}") from None
+    config = parse_json(text, CheckpointError, repr(str(path)))
     if not isinstance(config, dict):
         raise CheckpointError(f"{str(path)!r} must hold a JSON object, got {type(config).__name__}")
     return config

@@ -31,6 +31,7 @@ from peftkit.compose import Composition
 from peftkit.errors import PeftkitError, SpecError
 from peftkit.method import MethodConfig
 from peftkit.registry import get_method
+from peftkit.untrusted import parse_json, parse_yaml
 
 ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")  # fullmatch: "$" would accept a trailing newline
 # An adapter's name is its key in the host's nn.ModuleDict, so it cannot be one of that container's attributes.
@@ -148,19 +149,11 @@ class Spec(BaseModel):
 
     @classmethod
     def model_validate_json(cls, json_data: str | bytes, **kwargs: Any) -> Spec:  # type: ignore[override]
-        try:
-            data = json.loads(json_data)
-        except (ValueError, TypeError) as error:
-            raise SpecError(f"invalid spec: not valid JSON: {error}") from None
-        return cls.model_validate(data, **kwargs)
+        return cls.model_validate(parse_json(json_data, SpecError, "invalid spec: the text"), **kwargs)
 
     @classmethod
     def from_yaml(cls, text: str) -> Spec:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise SpecError(f"invalid spec: not valid YAML: {error}") from None
-        return cls.model_validate(data)
+        return cls.model_validate(parse_yaml(text, SpecError, "invalid spec: the text"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Spec:

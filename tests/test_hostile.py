@@ -116,3 +116,62 @@ def test_a_failure_at_any_step_of_attach_leaves_the_model_as_it_was(owner, attri
         assert model(IDS).logits.isfinite().all()
         peftkit.detach(model)
         assert get_state(model) is None
+
+
+LORA = {"method": "lora", "target": "q_proj"}
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {**LORA, "alpha": float("inf")},
+        {**LORA, "alpha": float("nan")},
+        {"method": "houlsby", "scaling": float("nan")},
+    ],
+)
+def test_non_finite_numbers_are_refused(entry: dict) -> None:
+    with pytest.raises(SpecError, match="finite"):
+        peftkit.Spec.model_validate({"adapters": {"a": [entry]}})
+
+
+@pytest.mark.parametrize(
+    "compose",
+    [
+        {"rule": "gate", "adapters": ["a", "b"], "gate_init": float("nan")},
+        {"rule": "average", "adapters": ["a", "b"], "weights": [float("nan"), 1.0]},
+    ],
+)
+def test_non_finite_composition_numbers_are_refused(compose: dict) -> None:
+    spec = {"adapters": {"a": [LORA], "b": [{**LORA, "target": "v_proj"}]}, "compose": [compose]}
+    with pytest.raises(SpecError, match="finite"):
+        peftkit.Spec.model_validate(spec)
+
+
+def test_json_infinity_and_yaml_inf_are_refused() -> None:
+    with pytest.raises(SpecError, match="Infinity is not a number JSON allows"):
+        peftkit.Spec.from_json('{"adapters": {"a": [{"method": "lora", "target": "q", "alpha": Infinity}]}}')
+    with pytest.raises(SpecError, match="finite"):
+        peftkit.Spec.from_yaml("adapters: {a: [{method: lora, target: q, alpha: .inf}]}")
+
+
+@pytest.mark.parametrize("depth", [40, 5000, 200_000])
+def test_deep_nesting_is_a_peftkit_error(depth: int, tmp_path) -> None:
+    text = '{"adapters": ' + "[" * depth + "]" * depth + "}"
+    with pytest.raises(SpecError, match="nested too deeply"):
+        peftkit.Spec.from_json(text)
+    with pytest.raises(SpecError, match="nested too deeply"):
+        peftkit.Spec.from_yaml("adapters: " + "[" * depth + "]" * depth)
+    (tmp_path / "adapter_config.json").write_text(text)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(peftkit.CheckpointError, match="nested too deeply"):
+        peftkit.from_peft(build_model("llama-tiny"), tmp_path)
+
+
+def test_a_huge_layer_range_is_refused_without_being_expanded() -> None:
+    with pytest.raises(SpecError, match="beyond 65535"):
+        peftkit.Spec.model_validate({"adapters": {"a": [{**LORA, "layers": "0-999999999"}]}})
+    with pytest.raises(SpecError, match="not an index or a range"):
+        peftkit.Spec.model_validate({"adapters": {"a": [{**LORA, "layers": "0-" + "9" * 5000}]}})
+    assert peftkit.Spec.model_validate({"adapters": {"a": [{**LORA, "layers": "0-3,8"}]}}).adapters["a"][0].layers == [
+        0, 1, 2, 3, 8,
+    ]  # fmt: skip
