@@ -10,7 +10,10 @@ write, and running a write on rank 0 so that its failure stops every rank instea
 
 from __future__ import annotations
 
+import gc
+import importlib
 import os
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,12 +63,41 @@ def session() -> Iterator[Runtime]:
     if owned:
         if runtime.device.type == "cuda":
             torch.cuda.set_device(runtime.device)
+        # Its functions default to `group=group.WORLD`, a value taken when the module is imported. DDP and FSDP2
+        # import it (by way of torch.distributed._shard) once the group exists, so it would hold the group until
+        # the interpreter ends and `_leave` could not destroy it; imported first, those defaults are None.
+        importlib.import_module("torch.distributed.nn.functional")
         dist.init_process_group("nccl" if runtime.device.type == "cuda" else "gloo")
     try:
         yield runtime
     finally:
         if owned:
-            dist.destroy_process_group()
+            _leave()
+
+
+# The meshes `wrap` built for FSDP2, which `_leave` must make let go of the group: each mesh holds it, and torch's
+# DTensor caches (sharding propagation, redistribution plans) keep the mesh alive long after the model.
+_meshes: list[weakref.ref[Any]] = []
+
+
+def _leave() -> None:
+    """Destroy the process group so that its backend goes now, its worker threads joined, not at interpreter exit.
+
+    A backend still referred to outlives `destroy_process_group`, and its threads run on into interpreter
+    finalisation. A gloo worker that has just completed the last collective then frees that work's tensors, which
+    takes the GIL; Python ends a thread that takes the GIL during finalisation with pthread_exit, and unwinding
+    through the work's noexcept destructor calls std::terminate: SIGABRT after a run that succeeded. Destroying the
+    backend waits for its queue to drain and joins its threads (with the GIL released), so nothing is left to race.
+    """
+    # The wrapped model and optimiser sit in reference cycles that hold the group (DDP's reducer, FSDP2's state):
+    # collect them while the world still holds it too, so that its last reference goes below, not inside gc.
+    gc.collect()
+    dist.destroy_process_group()
+    for mesh in (ref() for ref in _meshes):
+        registry = getattr(mesh, "_pg_registry", None)  # only torch.compile reads it; the group is gone anyway
+        if registry is not None:
+            registry.clear()
+    _meshes.clear()
 
 
 def local_rows(batch: dict[str, torch.Tensor], runtime: Runtime) -> dict[str, torch.Tensor]:
@@ -133,6 +165,7 @@ def wrap(model: nn.Module, strategy: Strategy, runtime: Runtime) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
+    _meshes.append(weakref.ref(mesh))
     for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)  # the root: embeddings, final norm, head, and any adapters outside the blocks
