@@ -89,7 +89,7 @@ class PrefixAdapter(Adapter):
         if self.gate is None:
             key, value, mask, kwargs = prepend_keys(module, query, key, value, mask, kwargs, keys, values, self.where)
             return inner(query, key, value, mask, **kwargs)
-        check_extra_keys(self.where, query, key, keys, None)
+        check_extra_keys(self.where, query, key, value, keys, values, None)
         out, weights = inner(query, key, value, mask, **kwargs)  # "b s h d"
         groups = self.num_heads // keys.shape[1]
         keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.errors import AttachError
+
 WRAPPER_PREFIX = "peftkit_"
 SUPPORTED = ("sdpa", "eager")
 _USERS_ATTRIBUTE = "_peftkit_attention_users"
@@ -100,20 +102,28 @@ def widen_mask(mask: Any, extra: int, query: torch.Tensor, key: torch.Tensor, ca
 KEY_ALIGNED_SCORES = ("position_bias",)
 
 
-def check_extra_keys(where: str, query: torch.Tensor, key: torch.Tensor, extra_keys: torch.Tensor, mask: Any) -> None:
-    """Raise an AttachError naming ``where`` if ``extra_keys`` (batch, heads, length, head_dim) cannot join ``key``.
+def check_extra_keys(
+    where: str,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    extra_keys: torch.Tensor,
+    extra_values: torch.Tensor,
+    mask: Any,
+) -> None:
+    """Raise an AttachError naming ``where`` unless ``extra_keys``/``extra_values`` (b h p d) fit ``key``/``value``.
 
     The sizes were read from the module when it was attached; this guard makes sure that anything that got out of
     step since (a hand-edited parameter, a model whose forward reshapes differently than its attributes say) is
     reported as such, not as a shape error from deep inside torch.
     """
-    from peftkit.errors import AttachError
-
     heads, dim = key.shape[1], key.shape[-1]
-    if extra_keys.shape[1] != heads or extra_keys.shape[-1] != dim or query.shape[1] % heads:
+    fits = extra_keys.shape[1] == heads and extra_keys.shape[-1] == dim and extra_values.shape[-1] == value.shape[-1]
+    if not fits or extra_values.shape[1] != value.shape[1] or query.shape[1] % heads:
         raise AttachError(
-            f"{where}: the extra keys have {extra_keys.shape[1]} heads of size {extra_keys.shape[-1]}, but the keys "
-            f"reaching the attention function have {heads} heads of size {dim} (queries: {query.shape[1]} heads); "
+            f"{where}: the extra keys have {extra_keys.shape[1]} heads of size {extra_keys.shape[-1]} (values: "
+            f"{extra_values.shape[-1]}), but the keys reaching the attention function have {heads} heads of size "
+            f"{dim} (values: {value.shape[-1]}; queries: {query.shape[1]} heads); "
             "the module's attributes did not describe its attention; detach the adapter and target another module"
         )
     if mask is not None and mask.shape[-1] != key.shape[-2]:
@@ -139,7 +149,7 @@ def prepend_keys(
     Every query may attend to the extra keys; the mask and any per-key score (``KEY_ALIGNED_SCORES``) are widened
     so that the real keys keep theirs.
     """
-    check_extra_keys(where, query, key, extra_keys, mask)
+    check_extra_keys(where, query, key, value, extra_keys, extra_values, mask)
     extra = extra_keys.shape[2]
     kwargs = dict(kwargs)
     mask = widen_mask(mask, extra, query, key, is_causal(module, kwargs))
@@ -148,10 +158,9 @@ def prepend_keys(
         scores = kwargs.get(name)
         if isinstance(scores, torch.Tensor):
             if scores.shape[-1] != key.shape[-2]:
-                from peftkit.errors import AttachError
-
                 raise AttachError(
-                    f"{where}: {name} covers {scores.shape[-1]} keys but the attention has {key.shape[-2]}"
+                    f"{where}: {name} covers {scores.shape[-1]} keys but the attention has {key.shape[-2]}; "
+                    "extra keys cannot be placed in front of it; target another module"
                 )
             kwargs[name] = torch.cat([scores.new_zeros(*scores.shape[:-1], extra), scores], dim=-1)
     return torch.cat([extra_keys, key], dim=2), torch.cat([extra_values, value], dim=2), mask, kwargs
