@@ -61,38 +61,63 @@ def _insert_positions(positions: torch.Tensor, start: torch.Tensor, length: int)
     return insert(shifted, start, head)
 
 
+def _widened_mask(kwargs: dict[str, Any], length: int) -> torch.Tensor:
+    mask = kwargs["attention_mask"]
+    return _insert_filled(mask, first_real_token(kwargs, mask.shape[0], mask.device), length, 1)
+
+
 class InputSite:
-    """The model's input embedding, with the model it belongs to."""
+    """The model's input embedding, with the model it belongs to.
+
+    On an encoder-decoder the virtual tokens go on the encoder's input, so the hook sits on the encoder, which
+    ``generate()`` calls directly; a second hook on the model widens the source mask that the model hands to the
+    cross-attention (and to the encoder). The decoder, its inputs and its labels are left as they are.
+    """
 
     kind = "input"
 
-    def __init__(self, embedding: nn.Embedding, root: nn.Module) -> None:
+    def __init__(self, embedding: nn.Embedding, root: nn.Module, encoder: nn.Module | None = None) -> None:
         self.module = embedding
         self.root = root
+        self.encoder = encoder
+        # what turns ids into the embeddings the virtual tokens join: an encoder's own (tied) table, with its scale
+        self.words = encoder.get_input_embeddings() if encoder is not None else embedding
         self.embedding_dim = embedding.embedding_dim
         self.device, self.dtype = embedding.weight.device, embedding.weight.dtype
 
     def install(self, adapter: Any) -> list[Any]:
-        # a partial of a method, not a closure: copy.deepcopy(model) gives the copy's hook the copy's site and adapter
-        hook = functools.partial(self._prepend_virtual_tokens, adapter)
-        return [self.root.register_forward_pre_hook(hook, with_kwargs=True)]
+        # partials of methods, not closures: copy.deepcopy(model) gives the copy's hooks the copy's site and adapter
+        hook = functools.partial(self._insert_virtual_tokens, adapter)
+        if self.encoder is None:
+            return [self.root.register_forward_pre_hook(hook, with_kwargs=True)]
+        source = functools.partial(self._widen_source_mask, adapter)
+        return [
+            self.encoder.register_forward_pre_hook(hook, with_kwargs=True),
+            self.root.register_forward_pre_hook(source, with_kwargs=True),
+        ]
 
-    def _prepend_virtual_tokens(
-        self, adapter: Any, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
+    def _active(self, adapter: Any) -> bool:
         container = self.module._modules.get("peftkit_adapters")
         state = container.__dict__.get("_peftkit_state") if container is not None else None
-        if state is None or not any(a is adapter and n in state.active for n, a in container.items()):
+        return state is not None and any(a is adapter and n in state.active for n, a in container.items())
+
+    def _insert_virtual_tokens(
+        self, adapter: Any, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        if not self._active(adapter):
             return None
         kwargs = dict(kwargs)
         if args:  # model(ids) -> model(input_ids=ids)
             kwargs["input_ids"], args = args[0], args[1:]
         length = adapter.length
+        mask = kwargs.get("attention_mask")
+        widen = mask is not None and mask.dim() == 2
         if _cache_length(kwargs) == 0:
             embeds = kwargs.pop("inputs_embeds", None)
             ids = kwargs.pop("input_ids", None)
             if embeds is None:
-                embeds = self.module(ids)
+                embeds = self.words(ids)
+            widen = widen and mask.shape[1] == embeds.shape[1]  # an encoder-decoder's own forward widened it already
             start = first_real_token(kwargs, embeds.shape[0], embeds.device)
             virtual = adapter.virtual_tokens().to(embeds.dtype)  # "p d"
             kwargs["inputs_embeds"] = insert(embeds, start, virtual.expand(embeds.shape[0], -1, -1))
@@ -104,12 +129,54 @@ class InputSite:
                 kwargs["position_ids"] = _insert_positions(kwargs["position_ids"], start, length)
         elif kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + length
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2:  # the same place as on the first step: the pads have not moved
-            kwargs["attention_mask"] = _insert_filled(
-                mask, first_real_token(kwargs, mask.shape[0], mask.device), length, 1
-            )
+        if widen:  # at the same place as on the first step: the pads have not moved
+            kwargs["attention_mask"] = _widened_mask(kwargs, length)
         return args, {k: v for k, v in kwargs.items() if v is not None or k not in ("labels", "token_type_ids")}
+
+    def _widen_source_mask(self, adapter: Any, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Widen an encoder-decoder's ``attention_mask`` where it still covers only the user's source tokens.
+
+        The model passes it to the cross-attention over the encoder's output, which holds the virtual tokens.
+        ``generate()`` runs the encoder first (its hook widens a mask of its own) and then passes the user's mask
+        with ``encoder_outputs`` at every step; a forward passes it with the ids, and the encoder hook then finds
+        it widened already.
+        """
+        mask = kwargs.get("attention_mask")
+        if not self._active(adapter) or mask is None or mask.dim() != 2:
+            return None
+        source = args[0] if args else kwargs.get("input_ids")
+        source = kwargs.get("inputs_embeds") if source is None else source
+        encoded = kwargs.get("encoder_outputs")
+        if source is not None:
+            width = source.shape[1]
+        elif encoded is not None:
+            width = encoded[0].shape[1] - adapter.length
+        else:
+            return None
+        if mask.shape[1] != width:
+            return None
+        return args, {**kwargs, "attention_mask": _widened_mask(kwargs, adapter.length)}
+
+
+def _encoder_decoder_site(module: nn.Module, root: nn.Module) -> InputSite | str:
+    """Virtual tokens join an encoder that reads token ids through the model's input embedding, or are refused."""
+    name = type(root).__name__
+    reads = getattr(root, "main_input_name", "input_ids")
+    if reads != "input_ids":
+        return (
+            f"{name} is an encoder-decoder whose encoder reads {reads!r}, not token ids: there are no token "
+            "embeddings on its input for virtual tokens to join (and on the decoder they would shift its labels); "
+            "adapt its attention or its weights instead"
+        )
+    get_encoder = getattr(root, "get_encoder", None)
+    encoder = get_encoder() if get_encoder is not None else None
+    words = getattr(encoder, "get_input_embeddings", lambda: None)() if encoder is not None else None
+    if words is None or getattr(words, "weight", None) is not module.weight:
+        return (
+            f"{name} is an encoder-decoder whose encoder does not embed its token ids with "
+            f"{type(module).__name__} (the model's input embeddings): virtual tokens cannot be placed on its input"
+        )
+    return InputSite(module, root, encoder)
 
 
 def make_input_site(module: nn.Module, root: nn.Module | None) -> InputSite | str:
@@ -119,4 +186,6 @@ def make_input_site(module: nn.Module, root: nn.Module | None) -> InputSite | st
         return "virtual tokens need a transformers model with get_input_embeddings()"
     if module is not embeddings:
         return f"virtual tokens go before the model's input embeddings ({type(embeddings).__name__}), not here"
+    if getattr(getattr(root, "config", None), "is_encoder_decoder", False):
+        return _encoder_decoder_site(module, root)
     return InputSite(module, root)

@@ -247,3 +247,90 @@ def test_virtual_tokens_go_after_the_left_pads_in_every_input():
     assert torch.equal(embeds[0, 1:3], virtual) and torch.equal(embeds[1, 0:2], virtual)
     words = model.get_input_embeddings()
     assert torch.equal(embeds[0, [0, 3, 4]], words(ids[0])) and torch.equal(embeds[1, 2:], words(ids[1]))
+
+
+# -- encoder-decoders: virtual tokens on the encoder input; the decoder and its labels as they were ---------------
+
+
+def encoder_decoder(family: str) -> torch.nn.Module:
+    from test_prefix import bart, t5
+
+    return {"t5": t5, "bart": bart}[family]()
+
+
+EMBEDDINGS = {"t5": "shared", "bart": "model.shared"}
+
+
+def encoder_inputs_by_hand(model, base, ids, mask, length):
+    """The encoder input with the virtual tokens after each row's left pads, and its mask, built by hand."""
+    virtual = adapter_of(model).virtual_tokens().detach()
+    words = base.get_encoder().get_input_embeddings()(ids)
+    embeds, wide = [], []
+    for row in range(ids.shape[0]):
+        start = int(mask[row].argmax())
+        embeds.append(torch.cat([words[row, :start], virtual, words[row, start:]]))
+        wide.append(torch.cat([mask[row, :start], torch.ones(length, dtype=mask.dtype), mask[row, start:]]))
+    return torch.stack(embeds), torch.stack(wide)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_virtual_tokens_on_an_encoder_decoder_go_on_the_encoder_input_only(family, method):
+    torch.manual_seed(0)
+    model = encoder_decoder(family)
+    base = copy.deepcopy(model)
+    peftkit.attach(model, {"adapters": {"p": [{"method": method, "length": 3, "target": EMBEDDINGS[family]}]}})
+    randomise_adapters(model)
+    ids, mask = left_padded([6, 4], torch.Generator().manual_seed(0))
+    labels = torch.randint(2, 128, (2, 5))
+    embeds, wide = encoder_inputs_by_hand(model, base, ids, mask, 3)
+    expected = base(inputs_embeds=embeds, attention_mask=wide, labels=labels)
+    got = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert got.logits.shape[:2] == labels.shape  # the decoder and its labels are the user's
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-5)
+    assert got.encoder_last_hidden_state.shape[1] == 6 + 3
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_encoder_decoder_generate_with_cache_matches_stepwise_argmax_and_each_row_alone(family):
+    torch.manual_seed(0)
+    model = encoder_decoder(family)
+    peftkit.attach(model, {"adapters": {"p": [{"method": "prompt", "length": 3, "target": EMBEDDINGS[family]}]}})
+    randomise_adapters(model)
+    ids, mask = left_padded([6, 3], torch.Generator().manual_seed(1))
+    generated = model.generate(ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    running = generated[:, :1]
+    for _ in range(5):
+        logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=running, use_cache=False).logits
+        running = torch.cat([running, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, running)
+    for row in range(2):
+        alone = ids[row : row + 1, mask[row].bool()]
+        single = model.generate(alone, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        assert torch.equal(generated[row], single[0])
+
+
+def test_virtual_tokens_are_refused_on_an_encoder_that_reads_no_token_ids():
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    config = WhisperConfig(
+        vocab_size=128,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        num_mel_bins=8,
+        max_source_positions=16,
+        max_target_positions=32,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+    )
+    spec = {"adapters": {"p": [{"method": "prompt", "target": "model.decoder.embed_tokens"}]}}
+    with pytest.raises(peftkit.TargetingError, match=r"WhisperForConditionalGeneration.*input_features.*not token ids"):
+        peftkit.plan(WhisperForConditionalGeneration(config), spec)
