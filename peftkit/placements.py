@@ -55,18 +55,19 @@ _WHAT = {
     "ffn_output": "feed-forward output projection",
 }
 
-# What a family's structure does not tell, as place -> pattern, keyed by config.model_type; an entry overrides what
-# is found. DeepSeek's multi-head latent attention has no key or value projection: ``kv_b_proj`` expands the
-# compressed latent into the keys (their unrotated part) and the values, and the query is ``q_b_proj`` when the
-# query is compressed too (``q_lora_rank``), else ``q_proj``.
-_LATENT_ATTENTION = {
-    "query": r"re:.*\.self_attn\.(?:q_proj|q_b_proj)",
-    "key": "self_attn.kv_b_proj",
-    "value": "self_attn.kv_b_proj",
+# What a family's structure does not tell, keyed by config.model_type: place -> pattern (overriding what is found),
+# and (suffix of a host path, suffix of the module whose input is that host's sub-layer input).
+# - ALBERT's attention module adds the residual and its LayerNorm after the output projection without taking the
+#   residual as an argument (which is how structure tells; BitNet's attention also holds a hidden-size norm, before
+#   its output projection).
+# - XLM and FlauBERT keep a layer's parts in parallel lists (attentions.N, ffns.N), so no block holds both.
+_PARALLEL_LISTS = {"ffn": r"re:(?:.*\.)?ffns\.\d+", "ffn_output": r"re:(?:.*\.)?ffns\.\d+\.lin2"}
+EXCEPTIONS: dict[str, dict[str, str]] = {
+    "albert": {"attention": "attention.dense"},
+    "xlm": _PARALLEL_LISTS,
+    "flaubert": _PARALLEL_LISTS,
 }
-EXCEPTIONS: dict[str, dict[str, str]] = {family: _LATENT_ATTENTION for family in ("deepseek_v2", "deepseek_v3")}
-# Per family: (suffix of a host path, suffix of the module whose input is that host's sub-layer input).
-SUBLAYER_INPUT_EXCEPTIONS: dict[str, tuple[tuple[str, str], ...]] = {}
+SUBLAYER_INPUT_EXCEPTIONS: dict[str, tuple[tuple[str, str], ...]] = {"albert": (("attention.dense", "attention"),)}
 
 
 def family_of(model: nn.Module) -> str | None:

@@ -16,8 +16,8 @@ transformers names its sub-layers differently in every family (``self_attn``, ``
   including a mixture-of-experts router and fused expert weights, grouped by the block's child it sits in; a group
   holding a convolution mixes along the sequence (Mamba, a conformer's convolution) and is left out.
 - A module **adds the residual itself** when its forward takes the residual (``residual``, ``input_tensor``: BERT's
-  ``BertOutput``, BLOOM's attention and MLP) or it holds a norm over the hidden stream (ALBERT's attention, T5's
-  ``T5LayerFF``). The sub-layer whose output is added to the residual stream is then the output projection inside it,
+  ``BertOutput``, BLOOM's attention and MLP) or, outside attention, it holds a norm over the hidden stream (T5's
+  ``T5LayerFF``, MPNet's ``MPNetAttention``). The sub-layer whose output is added to the residual stream is then the output projection inside it,
   and its input is read where the sub-layer starts.
 """
 
@@ -40,7 +40,7 @@ ADAPTER_CONTAINER = "peftkit_adapters"  # targeting.ADAPTER_CONTAINER, named her
 _ATTENTION_CLASS = re.compile(r"attention|attn", re.IGNORECASE)
 _RESIDUAL_ARGUMENTS = {"residual", "input_tensor"}
 # Name tokens that say nothing about a projection's role (``q_proj``, ``q_lin``, ``query_proj``).
-_FILLER = {"proj", "lin", "linear", "projection"}
+_FILLER = {"proj", "lin", "linear", "projection", "project"}
 _ROLES = {
     "query": ({"q"}, {"query"}, {"wq"}),
     "key": ({"k"}, {"key"}, {"wk"}),
@@ -88,6 +88,8 @@ def roles_of(name: str) -> set[str]:
     if words == {"c", "attn"}:  # GPT-2 and GPT-BigCode
         return {"query", "key", "value"}
     words -= _FILLER
+    if words > {"b"}:  # latent attention's up-projections: q_b_proj (the query), kv_b_proj (keys and values)
+        words -= {"b"}
     if words in ({"kv"}, {"wkv"}, {"key", "value"}):
         return {"key", "value"}
     return {role for role, spellings in _ROLES.items() if any(words == spelling for spelling in spellings)}
@@ -127,6 +129,7 @@ class _Reader:
         self.order = {path: index for index, path in enumerate(self.modules)}
         self.sizes = {p: s for p, m in self.modules.items() if (s := projection_sizes(m)) is not None}
         self.lists = {p for p, m in self.modules.items() if isinstance(m, nn.ModuleList)}
+        self.cores: set[str] = set()
 
     def projections(self, within: str, exclude: tuple[str, ...] = ()) -> list[str]:
         return [p for p in self.sizes if _inside(p, within) and not any(_inside(p, e) for e in exclude)]
@@ -146,7 +149,8 @@ class _Reader:
             return bool(_ATTENTION_CLASS.search(type(module).__name__)) and len(direct) >= 1
 
         found = [p for p, m in self.modules.items() if computes_attention(p, m)]
-        return [p for p in found if not any(q != p and _inside(q, p) for q in found)]  # the innermost
+        self.cores = {p for p in found if not any(q != p and _inside(q, p) for q in found)}  # the innermost
+        return [p for p in found if p in self.cores]
 
     def block_of(self, path: str) -> str | None:
         """The repeated block a module sits in (see the module docstring), or None outside any module list."""
@@ -223,9 +227,14 @@ class _Reader:
                 last[_parent(p)] = p
         return list(last.values())
 
-    def adds_residual(self, path: str, hidden: int) -> bool:
+    def adds_residual(self, path: str, hidden: int, norms: bool = True) -> bool:
+        """Whether the module's output already has the residual added (see the module docstring). A norm inside
+        attention comes before the output projection (BitNet's sub-norm), and a mixture of experts may norm its
+        output (A.X-K1): there only the forward's arguments tell."""
         if _forward_arguments(type(self.modules[path])) & _RESIDUAL_ARGUMENTS:
             return True
+        if not norms or path in self.cores:
+            return False
         return any(_norm_width(name, child) == hidden for name, child in self.children(path))
 
     def attention_sublayer(self, core: str, block: str, hidden: int, cores: list[str]) -> str:
@@ -253,11 +262,15 @@ class _Reader:
 def _attention_places(reader: _Reader, layout: Layout, core: str, sublayer: str, hidden: int) -> None:
     """The places of one self-attention: ``core`` computes it, ``sublayer`` is it with its output projection."""
     layout.add("self_attention", core)
+    # A projection is named by the core's child that holds it alone (Gemma 4 wraps its nn.Linear as q_proj.linear);
+    # a child holding several is a module of its own (DeepSeek-V3.2's indexer has its own wk), not q, k or v.
     inside = reader.projections(core)
-    roles = {p: roles_of(p.rsplit(".", 1)[-1]) for p in inside}
+    holder = {p: core + "." + p[len(core) + 1 :].split(".")[0] for p in inside}
+    alone = {p for p in inside if sum(h == holder[p] for h in holder.values()) == 1}
+    roles = {p: roles_of(holder[p].rsplit(".", 1)[-1]) if p in alone else set() for p in inside}
     if not any(roles.values()):
-        wide = [p for p in inside if reader.sizes[p][1] > hidden]
-        if len(wide) == 1 and len(inside) <= 2:  # one wide projection (and the output): q, k and v fused
+        wide = [p for p in alone if reader.sizes[p][1] > hidden]
+        if len(wide) == 1 and len(alone) <= 2:  # one wide projection (and the output): q, k and v fused
             roles[wide[0]] = {"query", "key", "value"}
     for place in ("query", "key", "value"):
         computing = [p for p, r in roles.items() if place in r]
@@ -268,10 +281,14 @@ def _attention_places(reader: _Reader, layout: Layout, core: str, sublayer: str,
                 place, f"no projection of {type(reader.modules[core]).__name__} is named as the {place}"
             )
     taken = {p for p, r in roles.items() if r}
-    candidates = [p for p in reader.projections(sublayer) if p not in taken and reader.sizes[p][1] == hidden]
+    candidates = [
+        p
+        for p in reader.projections(sublayer)
+        if p not in taken and reader.sizes[p][1] == hidden and (p in alone or not _inside(p, core))
+    ]
     outside = [p for p in candidates if not _inside(p, core)]
     candidates = outside or candidates
-    named = [p for p in candidates if tokens(p.rsplit(".", 1)[-1]) - _FILLER in _OUTPUT_NAMES]
+    named = [p for p in candidates if tokens(holder.get(p, p).rsplit(".", 1)[-1]) - _FILLER in _OUTPUT_NAMES]
     output = (named or candidates)[-1] if candidates else None
     if output is None:
         layout.reasons.setdefault(
@@ -328,7 +345,7 @@ def _feedforward_places(reader: _Reader, layout: Layout, block: str, sublayers: 
         container = _common_ancestor(parts) if len(parts) > 1 else _parent(parts[0])
         if container == block or container in reader.lists:
             continue
-        if not reader.adds_residual(container, hidden):
+        if not reader.adds_residual(container, hidden, norms=not experts):
             layout.add("ffn", container)
         elif len(downs) == 1:  # BLOOM's MLP adds the residual: its output projection, input read at its entry
             host = reader.host(container, downs[0], hidden)

@@ -53,6 +53,7 @@ TINY = {
     "encoder_ffn_dim": 32,
     "decoder_ffn_dim": 32,
     "embedding_size": 16,
+    "emb_dim": 16,
     "rotary_dim": 4,
     "dim": 16,
     "hidden_dim": 32,
@@ -261,9 +262,20 @@ EXPECTED: dict[str, dict[str, list[str] | None]] = {
         "key": ["h.0.attn.k_proj"],
         "value": ["h.0.attn.v_proj"],
     },
+    "xlm": {  # the exceptions table: a layer's attention and feed-forward sit in parallel lists
+        "input_embeddings": ["embeddings"],
+        "query": ["attentions.0.q_lin"],
+        "key": ["attentions.0.k_lin"],
+        "value": ["attentions.0.v_lin"],
+        "self_attention": ["attentions.0"],
+        "attention": ["attentions.0"],
+        "attention_output": ["attentions.0.out_lin"],
+        "ffn": ["ffns.0"],
+        "ffn_output": ["ffns.0.lin2"],
+    },
     "mixtral": {**LLAMA_LIKE, "ffn_output": None},  # the experts' projections are fused 3-D parameters
     "qwen2_moe": {**LLAMA_LIKE, "ffn_output": None},
-    "deepseek_v3": {  # multi-head latent attention: the exceptions table
+    "deepseek_v3": {  # multi-head latent attention: the up-projections are the query and the keys and values
         **LLAMA_LIKE,
         "query": ["layers.0.self_attn.q_b_proj"],
         "key": ["layers.0.self_attn.kv_b_proj"],
