@@ -1,32 +1,39 @@
 """Save and load adapters: safetensors for weights (never pickle) and the spec as JSON.
 
 A checkpoint folder holds ``adapter.safetensors`` (the adapters' tensors and those of the spec's ``trainable``
-modules, under the model's own state-dict keys) and ``spec.json``. Both files are untrusted on load: the spec goes
-through the same validation as any other, the tensor file is checked key by key and shape by shape against what
-the spec builds before a single value is copied, and any mismatch detaches what was attached.
+modules, under the model's own state-dict keys) and ``spec.json``. The spec is also stored in the weights file's
+metadata, and that copy is the one loaded: replacing one file is one atomic rename, so a save killed at any instant
+leaves the old checkpoint or the new one, never new weights with an old spec (``spec.json`` is the readable copy).
+
+Both files are untrusted on load: the spec goes through the same validation as any other; the sizes it asks for are
+compared with the file's tensors before any adapter is built; every key, shape and dtype is checked, and every
+value read and found finite, before a single value is copied; any failure detaches what was attached.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from peftkit.attach import attach, detach, get_state, plan_trainable_paths, require_state
-from peftkit.errors import CheckpointError, PeftkitError
+from peftkit.attach import attach, detach, get_state, plan, plan_trainable_paths, require_state
+from peftkit.errors import AttachError, CheckpointError, PeftkitError
 from peftkit.spec import Spec
 from peftkit.targeting import ADAPTER_CONTAINER
 
 WEIGHTS_FILE = "adapter.safetensors"
 SPEC_FILE = "spec.json"
 MAX_SPEC_BYTES = 4 * 1024 * 1024
+SPEC_METADATA = "peftkit_spec"  # the key of the spec's copy in the weights file's metadata
 
 
 def _saved_parameters(model: nn.Module, adapter_names: set[str] | None = None) -> dict[str, torch.Tensor]:
@@ -47,7 +54,11 @@ def _saved_parameters(model: nn.Module, adapter_names: set[str] | None = None) -
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, fsync it, then rename over ``path``."""
+    """Write through a temporary file in the same folder, fsync it, then rename over ``path``.
+
+    Temporary files a killed earlier write left behind are removed first (their names start with ``.NAME.``)."""
+    for stale in path.parent.glob(f".{path.name}.*"):
+        stale.unlink(missing_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(handle)
     try:
@@ -68,15 +79,34 @@ def save(model: nn.Module, directory: str | Path, *, tensors: dict[str, torch.Te
     """
     state = require_state(model)
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"cannot save to {str(directory)!r}: it is a file, not a folder")
     directory.mkdir(parents=True, exist_ok=True)
     source, tensors = (_saved_parameters(model) if tensors is None else tensors), {}
+    refuse_merged_writes(
+        state, list(source), "save: the checkpoint would hold the merged update twice", adapters_too=False
+    )
     for name, tensor in source.items():
         if tensor.is_meta:
             raise CheckpointError(f"{name} is on the meta device; materialise the model before saving")
         tensors[name] = tensor.detach().to("cpu").contiguous().clone()
-    _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "peftkit"}))
-    _atomic_write(directory / SPEC_FILE, lambda tmp: Path(tmp).write_text(state.spec.to_json(), encoding="utf-8"))
+    spec = state.spec.to_json()
+    metadata = {"format": "peftkit", SPEC_METADATA: spec}  # the spec travels inside the one file renamed last
+    _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    _atomic_write(directory / SPEC_FILE, lambda tmp: Path(tmp).write_text(spec, encoding="utf-8"))
     return directory
+
+
+def refuse_merged_writes(state: Any, keys: list[str], why: str, *, adapters_too: bool = True) -> None:
+    """Refuse saving or filling tensors of hosts whose adapters are merged: a merged host's weight holds the update,
+    so saving it stores the update twice, and filling it (or, with ``adapters_too``, its merged adapter) makes
+    unmerge subtract an update that was never added. Unmerge first."""
+    merged = {a.path for a in state.attached if a.module.merged}
+    if not adapters_too:
+        keys = [key for key in keys if ADAPTER_CONTAINER not in key.split(".")]
+    hit = sorted({path for path in merged for key in keys if key.startswith(path + ".")})
+    if hit:
+        raise AttachError(f"{why}: adapters at {hit[:3]} are merged; call peftkit.unmerge(model) first")
 
 
 def read_small_file(path: Path, max_bytes: int, holds: str) -> bytes:
@@ -90,22 +120,77 @@ def read_small_file(path: Path, max_bytes: int, holds: str) -> bytes:
 
 
 def read_spec(directory: str | Path) -> Spec:
-    path = Path(directory) / SPEC_FILE
-    text = read_small_file(path, MAX_SPEC_BYTES, f"a peftkit checkpoint folder holds {SPEC_FILE} and {WEIGHTS_FILE}")
+    """The checkpoint's spec: the copy inside the weights file when it has one (written in the same atomic step as
+    the weights), else ``spec.json`` (checkpoints written before that copy existed)."""
+    directory = Path(directory)
+    weights = directory / WEIGHTS_FILE
+    embedded = _read_metadata(weights).get(SPEC_METADATA) if weights.is_file() else None
+    if embedded is not None:
+        if len(embedded) > MAX_SPEC_BYTES:
+            raise CheckpointError(f"{str(weights)!r}: its spec is over {MAX_SPEC_BYTES} bytes; refusing to parse it")
+        text, source = embedded, weights
+    else:
+        source = directory / SPEC_FILE
+        holds = f"a peftkit checkpoint folder holds {SPEC_FILE} and {WEIGHTS_FILE}"
+        text = read_small_file(source, MAX_SPEC_BYTES, holds)
     try:
         return Spec.from_json(text)
     except PeftkitError as error:
-        raise CheckpointError(f"{str(path)!r}: {error}") from None
+        raise CheckpointError(f"{str(source)!r}: {error}") from None
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as stream:
+            return stream.metadata() or {}
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {error}") from None
+
+
+# The dtypes a checkpoint tensor may have: each is cast to its parameter's floating dtype, exactly where it fits.
+LOADABLE_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
 def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor in a safetensors file; a tensor of a dtype peftkit does not load is refused."""
     if not path.is_file():
         raise CheckpointError(f"{str(path)!r} not found")
+    if path.resolve().parent != path.parent.resolve():
+        raise CheckpointError(f"{str(path)!r} links outside its folder; a checkpoint's files must be in the folder")
     try:
         with safe_open(str(path), framework="pt") as stream:
-            return {key: tuple(stream.get_slice(key).get_shape()) for key in stream.keys()}  # noqa: SIM118
+            slices = {key: stream.get_slice(key) for key in stream.keys()}  # noqa: SIM118
+            dtypes = {key: str(piece.get_dtype()) for key, piece in slices.items()}
+            shapes = {key: tuple(piece.get_shape()) for key, piece in slices.items()}
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {error}") from None
+    odd = {key: dtype for key, dtype in dtypes.items() if dtype not in LOADABLE_DTYPES}
+    if odd:
+        key = next(iter(odd))
+        raise CheckpointError(
+            f"{str(path)!r}: tensor {key!r} has dtype {odd[key]}; adapter weights load only from "
+            f"{', '.join(sorted(LOADABLE_DTYPES))} ({len(odd)} such tensor(s))"
+        )
+    return shapes
+
+
+def check_planned_sizes(planned: Any, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
+    """Refuse a spec whose adapters would not be the size of the file's tensors, before any adapter is built: a
+    1 KB file whose spec asks for r = 10^8 must not allocate gigabytes to find out that nothing fits."""
+    held: dict[tuple[str, str], int] = {}
+    for key, shape in shapes.items():
+        parts = key.split(".")
+        if ADAPTER_CONTAINER in parts:
+            at = parts.index(ADAPTER_CONTAINER)
+            owner = (".".join(parts[:at]), parts[at + 1])
+            held[owner] = held.get(owner, 0) + math.prod(shape)
+    for row in planned.rows:
+        found = held.get((row.path, row.adapter), 0)
+        if row.parameters != found:
+            raise CheckpointError(
+                f"{source} does not fit its own spec (missing keys or shape mismatch): the spec gives adapter {row.adapter!r} at "
+                f"{row.path!r} {row.parameters:,} parameters, its tensors hold {found:,}; nothing was built"
+            )
 
 
 def check_fits(expected: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
@@ -133,10 +218,21 @@ def check_fits(expected: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[
 
 
 def fill(targets: Mapping[str, torch.Tensor], read: Callable[[str], torch.Tensor]) -> None:
-    """Copy ``read(key)`` into every target (checked by :func:`check_fits` first)."""
+    """Copy ``read(key)`` into every target (checked by :func:`check_fits` first).
+
+    Every value is read and checked (finite, of a loadable dtype) before the first copy, so a bad tensor leaves
+    every target, base modules in ``trainable`` included, as it was."""
+    values = {}
+    for key, target in targets.items():
+        value = read(key)
+        if not (value.is_floating_point() and target.is_floating_point()):
+            raise CheckpointError(f"tensor {key!r} is {value.dtype}; adapter weights must be floating point")
+        if not torch.isfinite(value).all():
+            raise CheckpointError(f"tensor {key!r} holds NaN or infinite values; refusing to load it")
+        values[key] = value
     with torch.no_grad():
         for key, target in targets.items():
-            target.copy_(read(key))
+            target.copy_(values[key])
 
 
 def restore_adapter_weights(model: nn.Module, directory: str | Path) -> nn.Module:
@@ -151,6 +247,7 @@ def restore_adapter_weights(model: nn.Module, directory: str | Path) -> nn.Modul
             "attach the same spec before resuming"
         )
     expected = _saved_parameters(model)
+    refuse_merged_writes(state, list(expected), "restoring adapter weights")
     check_fits(expected, _read_shapes(directory / WEIGHTS_FILE), f"checkpoint {str(directory)!r}")
     with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as stream:
         fill(expected, stream.get_tensor)
@@ -163,13 +260,15 @@ def load(model: nn.Module, directory: str | Path) -> nn.Module:
     Missing keys, unexpected keys and shape mismatches are errors that leave the model as it was.
     """
     directory = Path(directory)
-    spec = read_spec(directory)
     weights = directory / WEIGHTS_FILE
     shapes = _read_shapes(weights)
+    spec = read_spec(directory)
+    check_planned_sizes(plan(model, spec), shapes, f"checkpoint {str(directory)!r}")
     existing = {a.adapter_name for a in get_state(model).attached} if get_state(model) else set()
     attach(model, spec)
     try:
         expected = _saved_parameters(model, set(spec.adapters) - existing)
+        refuse_merged_writes(get_state(model), list(expected), "load")
         check_fits(expected, shapes, f"checkpoint {str(directory)!r}")
         with safe_open(str(weights), framework="pt") as stream:
             fill(expected, stream.get_tensor)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 import torch
 from torch import nn
 
 import peftkit
+import peftkit.testing
 from peftkit import SpecError, compose
 from peftkit.attach import get_state
 from peftkit.zoo import build_model
@@ -175,3 +177,121 @@ def test_a_huge_layer_range_is_refused_without_being_expanded() -> None:
     assert peftkit.Spec.model_validate({"adapters": {"a": [{**LORA, "layers": "0-3,8"}]}}).adapters["a"][0].layers == [
         0, 1, 2, 3, 8,
     ]  # fmt: skip
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------
+CKPT_SPEC = {
+    "adapters": {"default": [{"method": "lora", "target": ["q_proj", "v_proj"], "r": 4}]},
+    "trainable": ["lm_head"],
+}
+
+
+def saved(tmp_path, spec=CKPT_SPEC, seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = peftkit.attach(build_model("llama-tiny").eval(), spec)
+    peftkit.testing.randomise_adapters(model, seed)
+    peftkit.save(model, tmp_path)
+    return model
+
+
+def fresh() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("llama-tiny").eval()
+
+
+@pytest.mark.parametrize("killed_at", [0, 1])
+def test_a_save_killed_between_its_writes_leaves_the_old_or_the_new_checkpoint(
+    killed_at, tmp_path, monkeypatch
+) -> None:
+    from peftkit import io
+
+    old = saved(tmp_path)
+    new = peftkit.attach(fresh(), {"adapters": {"other": [{"method": "lora", "target": "k_proj", "r": 2}]}})
+    peftkit.testing.randomise_adapters(new, 7)
+    write, calls = io._atomic_write, [0]
+
+    def killed(path, produce):
+        calls[0] += 1
+        if calls[0] > killed_at:
+            raise KeyboardInterrupt  # the process dies before this file is renamed into place
+        write(path, produce)
+
+    monkeypatch.setattr(io, "_atomic_write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        peftkit.save(new, tmp_path)
+    monkeypatch.undo()
+    expected = new if killed_at == 1 else old  # the weights file, renamed first, carries its spec with it
+    loaded = peftkit.load(fresh(), tmp_path)
+    assert torch.equal(loaded(IDS).logits, expected(IDS).logits)
+
+
+def test_stale_temporary_files_are_removed_by_the_next_save(tmp_path) -> None:
+    saved(tmp_path)
+    (tmp_path / ".adapter.safetensors.k3j2h1").write_bytes(b"half a file")
+    saved(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "spec.json"]
+
+
+def rewrite(tmp_path, change_tensors=None, spec=None) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "adapter.safetensors"
+    with safe_open(str(path), framework="pt") as stream:
+        metadata = stream.metadata()
+    tensors = load_file(path)
+    if change_tensors is not None:
+        change_tensors(tensors)
+    if spec is not None:
+        metadata["peftkit_spec"] = spec
+    save_file(tensors, path, metadata=metadata)
+
+
+def test_a_spec_that_asks_for_more_than_its_tensors_hold_is_refused_before_anything_is_built(tmp_path) -> None:
+    saved(tmp_path)
+    huge = {"adapters": {"default": [{"method": "lora", "target": ["q_proj", "v_proj"], "r": 100_000_000}]}}
+    rewrite(tmp_path, spec=json.dumps({**huge, "trainable": ["lm_head"]}))
+    model = fresh()
+    with pytest.raises(peftkit.CheckpointError, match=r"does not fit its own spec .* 6,400,000,000 parameters"):
+        peftkit.load(model, tmp_path)
+    assert get_state(model) is None
+
+
+def first_lora_key(tensors: dict) -> str:
+    return next(k for k in sorted(tensors) if k.endswith("lora_b"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.update({first_lora_key(t): t[first_lora_key(t)].to(torch.float8_e4m3fn)}), "dtype F8_E4M3"),
+        (lambda t: t.update({first_lora_key(t): t[first_lora_key(t)].to(torch.int32)}), "dtype I32"),
+        (lambda t: t[first_lora_key(t)].view(-1).__setitem__(0, float("nan")), "NaN or infinite"),
+        (lambda t: t[first_lora_key(t)].view(-1).__setitem__(0, float("inf")), "NaN or infinite"),
+    ],
+)
+def test_a_bad_tensor_is_refused_before_any_value_is_copied(tmp_path, change, message) -> None:
+    saved(tmp_path)
+    rewrite(tmp_path, change_tensors=change)
+    model = fresh()
+    head = model.lm_head.weight.clone()  # a `trainable` base module: loaded from the file, so filled first
+    with pytest.raises(peftkit.CheckpointError, match=message):
+        peftkit.load(model, tmp_path)
+    assert torch.equal(model.lm_head.weight, head) and get_state(model) is None
+
+
+def test_saving_or_restoring_through_a_merged_host_is_refused(tmp_path) -> None:
+    from peftkit.io import restore_adapter_weights
+
+    spec = {"adapters": {"default": [{"method": "lora", "target": "lm_head", "r": 2}]}, "trainable": ["lm_head"]}
+    model = saved(tmp_path, spec)
+    peftkit.merge(model)
+    with pytest.raises(peftkit.AttachError, match="save: the checkpoint would hold the merged update twice"):
+        peftkit.save(model, tmp_path / "again")
+    with pytest.raises(peftkit.AttachError, match="restoring adapter weights: adapters at \\['lm_head'\\] are merged"):
+        restore_adapter_weights(model, tmp_path)
+    peftkit.unmerge(model)
+    restore_adapter_weights(model, tmp_path)
+    merged_elsewhere = saved(tmp_path / "q", {"adapters": {"default": [{"method": "lora", "target": "q_proj"}]}})
+    peftkit.merge(merged_elsewhere)
+    peftkit.save(merged_elsewhere, tmp_path / "q2")  # no merged host is saved: the adapters' values are what they were

@@ -83,6 +83,8 @@ def test_corrupt_or_missing_files(tmp_path) -> None:
     (tmp_path / "adapter.safetensors").write_bytes(b"\x80\x04not safetensors, maybe a pickle")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         peftkit.load(model, tmp_path)
+    trained(tmp_path)
+    tamper(tmp_path, lambda tensors: None)  # rewritten without the spec copy inside: spec.json is read
     (tmp_path / "spec.json").write_text(json.dumps({"adapters": {"d": [{"method": "evil", "target": "x"}]}}))
     with pytest.raises(CheckpointError, match="unknown method 'evil'"):
         peftkit.load(model, tmp_path)
