@@ -29,6 +29,7 @@ import re
 
 from torch import nn
 
+from peftkit.errors import TargetingError
 from peftkit.structure import Layout, read_layout
 
 PLACEMENT_NAMES = (
@@ -116,17 +117,21 @@ class Places:
             return exception
         paths = self.layout.paths.get(name)
         if not paths:
-            from peftkit.errors import TargetingError
-
             reason = self.layout.reasons.get(name, "none was found")
             raise TargetingError(
                 f"target '@{name}': peftkit does not know where the {name} of a {self.family or 'non-transformers'!r} "
-                f"model ({type(self.model).__name__}) is: it looks for the {_WHAT[name]}, but {reason}; give explicit "
+                f"model ({type(self.model).__name__}) is: it looks for the {_WHAT.get(name, name)}, but {reason}; give explicit "
                 "module paths as the target instead"
             )
         if name not in self._patterns:
             self._patterns[name] = as_pattern(paths, [p for p, _ in self.model.named_modules() if p])
         return self._patterns[name]
+
+    def hidden_size(self, path: str) -> int | None:
+        """The hidden size of the block around the ``@attention`` or ``@ffn`` host at ``path`` (the sub-layer maps
+        it to itself), or None where structure did not find one: a width to trust over the host's first and last
+        projections, which in a mixture of experts are a router and a shared expert's gate."""
+        return self.layout.widths.get(path)
 
     def sublayer_input_path(self, path: str) -> str:
         """The path of the module whose input is the sub-layer input for a host at ``path`` (often the host)."""

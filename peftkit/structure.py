@@ -58,11 +58,14 @@ class Layout:
     paths: dict[str, list[str]] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
+    widths: dict[str, int] = field(default_factory=dict)  # module path -> the hidden size of its block
 
-    def add(self, place: str, path: str) -> None:
+    def add(self, place: str, path: str, hidden: int | None = None) -> None:
         found = self.paths.setdefault(place, [])
         if path not in found:
             found.append(path)
+        if hidden is not None:
+            self.widths[path] = hidden
 
 
 def projection_sizes(module: nn.Module) -> tuple[int, int] | None:
@@ -154,14 +157,14 @@ class _Reader:
 
     def block_of(self, path: str) -> str | None:
         """The repeated block a module sits in (see the module docstring), or None outside any module list."""
-        entries = [a for a in self._ancestors(path) if _parent(a) in self.lists]
+        entries = [a for a in self.ancestors(path) if _parent(a) in self.lists]
         for entry in entries:  # nearest first
             siblings = list(self.modules[_parent(entry)].children())
             if len({type(s) for s in siblings}) == 1:
                 return entry
         return entries[-1] if entries else None
 
-    def _ancestors(self, path: str) -> list[str]:
+    def ancestors(self, path: str) -> list[str]:
         """``path`` and the modules above it, nearest first."""
         chain = []
         while path:
@@ -240,7 +243,7 @@ class _Reader:
     def attention_sublayer(self, core: str, block: str, hidden: int, cores: list[str]) -> str:
         """The largest module around ``core`` that is still only this attention (with its output projection)."""
         sublayer = core
-        for ancestor in self._ancestors(_parent(core)):
+        for ancestor in self.ancestors(_parent(core)):
             if ancestor == block or ancestor in self.lists or any(_inside(c, ancestor) for c in cores if c != core):
                 break
             outside = self.projections(ancestor, exclude=(core,))
@@ -252,7 +255,7 @@ class _Reader:
     def host(self, sublayer: str, output: str, hidden: int) -> str:
         """The highest module from ``output`` up to ``sublayer`` whose output is not yet added to the residual."""
         host = output
-        for ancestor in self._ancestors(_parent(output)):
+        for ancestor in self.ancestors(_parent(output)):
             if not _inside(ancestor, sublayer) or self.adds_residual(ancestor, hidden):
                 break
             host = ancestor
@@ -295,11 +298,11 @@ def _attention_places(reader: _Reader, layout: Layout, core: str, sublayer: str,
             "attention_output", f"{type(reader.modules[core]).__name__} holds no projection back to the hidden size"
         )
         if not reader.adds_residual(sublayer, hidden):
-            layout.add("attention", sublayer)
+            layout.add("attention", sublayer, hidden)
         return
     layout.add("attention_output", output)
     host = reader.host(sublayer, output, hidden)
-    layout.add("attention", host)
+    layout.add("attention", host, hidden)
     if not _inside(core, host):  # BERT's attention.output.dense: the sub-layer input is what attention.self reads
         layout.sources[host] = core
 
@@ -325,7 +328,7 @@ def _feedforward_places(reader: _Reader, layout: Layout, block: str, sublayers: 
     fused = False
     loose: list[str] = []
     for parts in groups.values():
-        if any(isinstance(reader.modules[p], nn.modules.conv._ConvNd) for p in parts):
+        if any(isinstance(reader.modules[p], (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for p in parts):
             continue
         experts = [p for p in parts if reader.holds_experts(p, hidden)]
         downs = reader.output_projections(parts, hidden)
@@ -346,10 +349,10 @@ def _feedforward_places(reader: _Reader, layout: Layout, block: str, sublayers: 
         if container == block or container in reader.lists:
             continue
         if not reader.adds_residual(container, hidden, norms=not experts):
-            layout.add("ffn", container)
+            layout.add("ffn", container, hidden)
         elif len(downs) == 1:  # BLOOM's MLP adds the residual: its output projection, input read at its entry
             host = reader.host(container, downs[0], hidden)
-            layout.add("ffn", host)
+            layout.add("ffn", host, hidden)
             layout.sources[host] = container
     downs = reader.output_projections(loose, hidden)
     if len(downs) != 1:
@@ -364,7 +367,7 @@ def _feedforward_places(reader: _Reader, layout: Layout, block: str, sublayers: 
         return fused
     layout.add("ffn_output", down)
     host = down
-    for ancestor in reader._ancestors(_parent(down)):
+    for ancestor in reader.ancestors(_parent(down)):
         if (
             ancestor == block
             or any(_inside(p, ancestor) for p in loose if p != down)
@@ -373,11 +376,11 @@ def _feedforward_places(reader: _Reader, layout: Layout, block: str, sublayers: 
             break
         host = ancestor
     source = ups[-1]
-    for ancestor in reader._ancestors(_parent(source)):
+    for ancestor in reader.ancestors(_parent(source)):
         if ancestor == block or _inside(down, ancestor):
             break
         source = ancestor
-    layout.add("ffn", host)
+    layout.add("ffn", host, hidden)
     layout.sources[host] = source
     return fused
 
@@ -409,8 +412,10 @@ def read_layout(model: nn.Module) -> Layout:
         layout.reasons["input_embeddings"] = (
             f"its input embedding is a {type(embeddings).__name__}, not a token embedding"
         )
-    else:
+    elif callable(getter):
         layout.reasons["input_embeddings"] = "get_input_embeddings() gives none"
+    else:
+        layout.reasons["input_embeddings"] = f"{type(model).__name__} has no get_input_embeddings()"
     cores = reader.attention_modules()
     blocks: dict[str, list[str]] = {}
     for core in cores:

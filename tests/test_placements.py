@@ -396,3 +396,11 @@ def test_a_parallel_adapter_reads_the_sublayer_input_where_the_family_computes_i
     bloom = places_of(tiny_model("bloom"))
     assert bloom.sublayer_input_path("h.0.mlp.dense_4h_to_h") == "h.0.mlp"
     assert bloom.sublayer_input_path("h.0.self_attention.dense") == "h.0.self_attention"
+
+
+def test_the_hidden_size_of_a_sublayer_comes_from_its_block() -> None:
+    """A mixture of experts' first and last projections are its router and a shared expert's gate (16 -> 1)."""
+    places = places_of(tiny_model("qwen2_moe"))
+    assert places.hidden_size("layers.0.mlp") == 16
+    assert places.hidden_size("layers.0.self_attn") == 16
+    assert places.hidden_size("layers.0.mlp.shared_expert_gate") is None  # not a sub-layer host
