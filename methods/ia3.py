@@ -61,11 +61,30 @@ class IA3Adapter(Adapter):
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return out if self.transforms_input else out * self.ia3_scale
 
+    def merge_refusal(self) -> str | None:
+        if not torch.isfinite(self.ia3_scale.detach()).all():
+            return "its scale holds a NaN or infinite entry, which would poison the merged weights; run it unmerged"
+        return None
+
     def merge(self) -> None:
+        # Unmerging by dividing would drift (~1e-2 per cycle in bf16) and turn a zero scale into NaN, so the host's
+        # original weight and bias are kept while merged and put back exactly: one copy of this host's weights.
+        module = self.site.module
+        self.__dict__["_unmerged"] = {
+            name: tensor.detach().clone()
+            for name in ("weight", "bias")
+            if isinstance(tensor := getattr(module, name, None), torch.Tensor)
+        }
         self._rescale(self.ia3_scale.detach())
 
     def unmerge(self) -> None:
-        self._rescale(1.0 / self.ia3_scale.detach())
+        kept = self.__dict__.pop("_unmerged", None)
+        if kept is None:  # merged by a copy of this adapter that did not keep the weights: divide instead
+            self._rescale(1.0 / self.ia3_scale.detach())
+            return
+        with torch.no_grad():
+            for name, original in kept.items():
+                getattr(self.site.module, name).copy_(original)
 
     def _rescale(self, factor: torch.Tensor) -> None:
         factor = factor.to(torch.promote_types(factor.dtype, torch.float32))

@@ -367,6 +367,13 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None, *, untie: 
     """
     state = require_state(model)
     chosen = [a for a in mergeable_choice(state, names) if not a.module.merged]
+    refusals = [(a, reason) for a in chosen if (reason := a.module.merge_refusal())]
+    if refusals:
+        attached, reason = refusals[0]
+        raise AttachError(
+            f"cannot merge adapter {attached.adapter_name!r} at {attached.path!r}: {reason} "
+            f"({len(refusals)} such host(s)); nothing was merged"
+        )
     tied = {a.path: shared for a in chosen if (shared := shared_parameters(model, a.path))}
     if tied and not untie:
         path, shared = next(iter(tied.items()))

@@ -98,6 +98,11 @@ class Adapter(nn.Module):
         """The host's input as the adapted model sees it (only called when ``transforms_input`` is True)."""
         return x
 
+    def merge_refusal(self) -> str | None:
+        """Why this adapter cannot be merged in its current state, or None. :func:`peftkit.merge` asks every chosen
+        adapter before it changes any weight (a scale with a zero in it cannot be unmerged, for example)."""
+        return None
+
     def merge(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged")
 

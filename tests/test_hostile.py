@@ -295,3 +295,23 @@ def test_saving_or_restoring_through_a_merged_host_is_refused(tmp_path) -> None:
     merged_elsewhere = saved(tmp_path / "q", {"adapters": {"default": [{"method": "lora", "target": "q_proj"}]}})
     peftkit.merge(merged_elsewhere)
     peftkit.save(merged_elsewhere, tmp_path / "q2")  # no merged host is saved: the adapters' values are what they were
+
+
+def test_ia3_unmerge_is_exact_even_for_a_zero_scale_and_a_non_finite_one_is_not_merged() -> None:
+    spec = {"adapters": {"a": [{"method": "lora", "target": "q_proj"}], "s": [{"method": "ia3"}]}}
+    model = peftkit.attach(fresh().to(torch.bfloat16), spec)
+    peftkit.testing.randomise_adapters(model)
+    scale = next(p for n, p in model.named_parameters() if n.endswith("ia3_scale"))
+    with torch.no_grad():
+        scale.view(-1)[0] = 0.0
+    before = {k: v.clone() for k, v in model.state_dict().items() if "peftkit" not in k}
+    for _ in range(20):
+        peftkit.merge(model, ["s"])
+        peftkit.unmerge(model, ["s"])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # bf16, 20 cycles: bit for bit
+    with torch.no_grad():
+        scale.view(-1)[0] = float("nan")
+    with pytest.raises(peftkit.AttachError, match=r"NaN or infinite entry.*nothing was merged"):
+        peftkit.merge(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert not any(a.module.merged for a in get_state(model).attached)
