@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,59 +21,12 @@ from torch.utils.hooks import RemovableHandle
 
 from peftkit.compose import Gates, check_rules, compose_output, gate_name
 from peftkit.errors import AttachError
-from peftkit.method import Adapter, Method, MethodConfig
+from peftkit.method import Adapter, Method
 from peftkit.placements import places_of
 from peftkit.spec import Spec
+from peftkit.state import STATE_ATTRIBUTE, AttachedAdapter, ModelState, get_state, require_state
 from peftkit.sublayer_sites import first_input
 from peftkit.targeting import ADAPTER_CONTAINER, Plan, base_modules, compile_pattern, resolve
-
-STATE_ATTRIBUTE = "_peftkit_state"
-
-
-@dataclass
-class AttachedAdapter:
-    adapter_name: str
-    path: str
-    method: type[Method]
-    config: MethodConfig
-    module: Adapter
-    entry: int = 0
-    site_hooks: list[Any] = field(default_factory=list)
-
-
-@dataclass
-class ModelState:
-    """What peftkit changed on a model, so that every change can be undone exactly."""
-
-    spec: Spec
-    attached: list[AttachedAdapter] = field(default_factory=list)
-    hooks: dict[str, RemovableHandle] = field(default_factory=dict)
-    original_requires_grad: dict[str, bool] = field(default_factory=dict)
-    active: set[str] = field(default_factory=set)
-    routing: Any = None  # an activation.Routing while `peftkit.route` is in effect
-    # host path -> {parameter name: the shared Parameter} for tied hosts given their own copy by merge(untie=True)
-    untied: dict[str, dict[str, nn.Parameter]] = field(default_factory=dict)
-
-    def adapters(self, names: str | Iterable[str] | None = None) -> list[AttachedAdapter]:
-        if names is None:
-            return list(self.attached)
-        wanted = {names} if isinstance(names, str) else set(names)  # one name, not its letters
-        unknown = wanted - {a.adapter_name for a in self.attached}
-        if unknown:
-            known = sorted({a.adapter_name for a in self.attached})
-            raise AttachError(f"no attached adapter named {sorted(unknown)}; attached: {known}")
-        return [a for a in self.attached if a.adapter_name in wanted]
-
-
-def get_state(model: nn.Module) -> ModelState | None:
-    return getattr(model, STATE_ATTRIBUTE, None)
-
-
-def require_state(model: nn.Module) -> ModelState:
-    state = get_state(model)
-    if state is None:
-        raise AttachError("this model has no peftkit adapters; call peftkit.attach(model, spec) first")
-    return state
 
 
 # Hooks are partials of module-level functions, never closures: copy.deepcopy(model) deep-copies a partial's
