@@ -194,16 +194,23 @@ class LoRA(Method):
     def from_peft(
         cls, peft_config: dict, tensors: dict[str, torch.Tensor], model: nn.Module, adapter_name: str
     ) -> tuple[list[dict], dict[str, torch.Tensor]]:
-        import re
-
         from peftkit.errors import CheckpointError
         from peftkit.peft_format import peftkit_key, refuse_features, split_peft_key
+        from peftkit.regex import compile_fullmatch
 
         refuse_features(peft_config, cls._PEFT_UNSUPPORTED)
 
-        def pattern_value(patterns: dict, path: str, default: float) -> float:
-            for pattern, value in (patterns or {}).items():
-                if re.match(rf"(.*\.)?({pattern})$", path):
+        def pattern_value(patterns: object, path: str, default: float) -> float:
+            # PEFT's rule: the pattern matches the whole path or a dotted suffix of it. The patterns come from a
+            # shared file, so they run on the linear-time engine; a bad one is a CheckpointError.
+            if not isinstance(patterns, dict):
+                raise CheckpointError(f"a PEFT pattern table must be a mapping, got {type(patterns).__name__}")
+            for pattern, value in patterns.items():
+                try:
+                    matches = compile_fullmatch(rf"(?:.*\.)?(?:{pattern})", "PEFT pattern")
+                except (ValueError, TypeError) as error:
+                    raise CheckpointError(str(error)) from None
+                if matches(path):
                     return value
             return default
 
@@ -220,12 +227,12 @@ class LoRA(Method):
             if a.dim() != 2 or b.dim() != 2:
                 raise CheckpointError(f"LoRA on {path!r} has {a.dim()}-d factors (a convolution): not supported")
             rank = a.shape[0]
-            wanted = pattern_value(peft_config.get("rank_pattern"), path, peft_config.get("r", rank))
+            wanted = pattern_value(peft_config.get("rank_pattern") or {}, path, peft_config.get("r", rank))
             if b.shape[1] != rank or wanted != rank:
                 raise CheckpointError(
                     f"LoRA on {path!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not give rank {wanted}"
                 )
-            alpha = float(pattern_value(peft_config.get("alpha_pattern"), path, peft_config.get("lora_alpha", 8)))
+            alpha = float(pattern_value(peft_config.get("alpha_pattern") or {}, path, peft_config.get("lora_alpha", 8)))
             groups.setdefault((rank, alpha), []).append(path)
             state[peftkit_key(path, adapter_name, "lora_a")] = a
             state[peftkit_key(path, adapter_name, "lora_b")] = b

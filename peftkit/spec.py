@@ -53,13 +53,18 @@ def adapter_name_problem(name: Any) -> str | None:
     return None
 
 
+def _cut(text: str, limit: int = 80) -> str:
+    """An echo of untrusted input, at most ``limit`` characters of it."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _format_validation_error(error: ValidationError, prefix: str = "") -> str:
     lines = []
     for item in error.errors(include_url=False):
         path = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
         message = item["msg"].removeprefix("Value error, ")
         shown = item.get("input")
-        got = f" (got {shown!r})" if not isinstance(shown, dict | list) and "input" in item else ""
+        got = f" (got {_cut(repr(shown))})" if not isinstance(shown, dict | list) and "input" in item else ""
         lines.append(f"  {path}: {message}{got}" if path else f"  {message}{got}")
     return "invalid spec:\n" + "\n".join(lines)
 

@@ -10,7 +10,6 @@ so ``plan`` is a dry run.
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from torch import nn
 from peftkit.errors import TargetingError
 from peftkit.method import Method, MethodConfig
 from peftkit.placements import PLACEMENT_NAMES, Places, expand, places_of
+from peftkit.regex import MAX_PATTERN_CHARS, compile_fullmatch, shown
 from peftkit.registry import get_method
 from peftkit.sites import make_site
 from peftkit.sublayer_sites import SiteContext
@@ -52,22 +52,23 @@ def compile_pattern(pattern: str, places: Places | None = None) -> Callable[[str
     if pattern.startswith("@"):
         if pattern[1:] not in PLACEMENT_NAMES:
             raise ValueError(
-                f"target {pattern!r}: unknown place; places: {', '.join('@' + n for n in PLACEMENT_NAMES)}"
+                f"target {shown(pattern)}: unknown place; places: {', '.join('@' + n for n in PLACEMENT_NAMES)}"
             )
         if places is None:
             return lambda path: False
         try:
-            pattern = expand(pattern, places)
+            expanded = expand(pattern, places)
         except TargetingError:
             if optional:
                 return lambda path: False
             raise
+        if expanded.startswith("re:"):  # written by peftkit from the model's own paths: no length cap
+            return compile_fullmatch(expanded[3:], f"place {pattern}", limit=None)
+        pattern = expanded
     if pattern.startswith("re:"):
-        try:
-            regex = re.compile(pattern[3:])
-        except re.error as error:
-            raise ValueError(f"target {pattern!r}: invalid regex: {error}") from None
-        return lambda path: regex.fullmatch(path) is not None
+        return compile_fullmatch(pattern[3:], "target regex")
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ValueError(f"target {shown(pattern)} is longer than {MAX_PATTERN_CHARS} characters")
     return lambda path: fnmatchcase(path, pattern) or fnmatchcase(path, "*." + pattern)
 
 

@@ -315,3 +315,40 @@ def test_ia3_unmerge_is_exact_even_for_a_zero_scale_and_a_non_finite_one_is_not_
         peftkit.merge(model)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert not any(a.module.merged for a in get_state(model).attached)
+
+
+# -- patterns --------------------------------------------------------------------------------------------------------
+def test_a_catastrophic_regex_finishes_at_once() -> None:
+    model = fresh()
+    with pytest.raises(peftkit.TargetingError, match="matched no module"):  # Python's re would never return
+        peftkit.plan(model, {"adapters": {"a": [{"method": "lora", "target": "re:(.*.*)*Z"}]}})
+    assert peftkit.plan(model, {"adapters": {"a": [{"method": "lora", "target": r"re:(.*.*)*q_proj"}]}}).rows
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("re:(a)\\1", "no backreferences or lookaround"),
+        ("re:(?=q)q_proj", "no backreferences or lookaround"),
+        ("x" * 1_000_000, r"'xxxxx.*\.\.\. \(1000000 characters\) is longer than 1000"),
+        ("re:" + "a" * 5000, "longer than 1000 characters"),
+    ],
+)
+def test_patterns_beyond_the_safe_engine_or_too_long_are_refused_briefly(target: str, message: str) -> None:
+    with pytest.raises(SpecError, match=message) as caught:
+        peftkit.Spec.model_validate({"adapters": {"a": [{"method": "lora", "target": target}]}})
+    assert len(str(caught.value)) < 1000  # the echo is cut
+
+
+def test_hostile_peft_patterns_are_checkpoint_errors_not_hangs(tmp_path) -> None:
+    peft = pytest.importorskip("peft")
+    oracle = peft.get_peft_model(fresh(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    oracle.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    for patterns, message in [({"(.*.*)*Z": 4}, None), (["q_proj"], "must be a mapping"), ({"(": 4}, "not a regex")]:
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "alpha_pattern": patterns}))
+        if message is None:
+            assert get_state(peftkit.from_peft(fresh(), tmp_path)) is not None  # matches nothing, at once
+        else:
+            with pytest.raises(peftkit.CheckpointError, match=message):
+                peftkit.from_peft(fresh(), tmp_path)
