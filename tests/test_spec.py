@@ -49,7 +49,7 @@ def test_from_file(tmp_path) -> None:
         ({"method": "lora", "target": "x", "layers": "3-1"}, "runs backwards"),
         ({"method": "lora", "target": "x", "layers": "a-b"}, "is not an index or a range"),
         ({"method": "lora", "target": "x", "layers": [-2]}, "negative"),
-        ({"method": "lora", "target": "re:(", "r": 2}, "not a regex peftkit runs: missing \\)"),
+        ({"method": "lora", "target": "re:(", "r": 2}, "is not a regex peftkit runs: missing )"),
         ({"method": "lora", "target": "x", "rank": 2}, "adapters.a.0.rank: Extra inputs are not permitted"),
         ({"method": "lora", "target": "x", "r": "8"}, "adapters.a.0.r: Input should be a valid integer"),
         ({"method": "lorra", "target": "x"}, "known methods: houlsby, ia3, lora, parallel"),
