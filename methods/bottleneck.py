@@ -33,7 +33,9 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiL
 
 class BottleneckConfig(MethodConfig):
     bottleneck: int | None = Field(default=None, gt=0, description="bottleneck width; or use reduction_factor")
-    reduction_factor: float | None = Field(default=None, gt=0, description="width = hidden size / reduction_factor")
+    reduction_factor: float | None = Field(
+        default=None, ge=1 / 64, description="width = hidden size / reduction_factor (at most 64x the hidden size)"
+    )
     activation: Literal["relu", "gelu", "tanh", "silu", "swish"] = "relu"
     layer_norm: bool = Field(default=False, description="a LayerNorm on the adapter's input")
     scaling: float = Field(default=1.0, description="s in h + s * up(...)")

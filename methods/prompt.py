@@ -19,7 +19,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from peftkit import Adapter, Capabilities, Method, MethodConfig
+from peftkit import Adapter, AttachError, Capabilities, Method, MethodConfig
 from peftkit.input_sites import InputSite
 
 
@@ -124,7 +124,12 @@ class PromptTuning(Method):
     def create(cls, config: PromptConfig, site: InputSite) -> VirtualTokens:
         adapter = VirtualTokens(config.length, site)
         if config.init != "random":
-            ids = torch.tensor(_initial_ids(config), device=site.device)
+            ids = _initial_ids(config)
+            vocabulary = site.module.num_embeddings
+            if any(not 0 <= i < vocabulary for i in ids):  # a negative id would silently index from the end
+                bad = next(i for i in ids if not 0 <= i < vocabulary)
+                raise AttachError(f"prompt init token id {bad} is outside the vocabulary (0-{vocabulary - 1})")
+            ids = torch.tensor(ids, device=site.device)
             with torch.no_grad():
                 adapter.prompt_embedding.copy_(site.module.weight[ids])
         return adapter

@@ -123,6 +123,7 @@ def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path, *, act
         combined.compose,
         [*(previous.attached if previous else []), *(_Planned(i.row.adapter, i.row.path, i.method) for i in planned)],
     )
+    _refuse_oversized(model, planned)
     built = [(item, item.method.create(item.config, item.site)) for item in planned]
     _refuse_adapters_holding_the_base(model, built)
     composed = {n: c.rule for c in combined.compose if c.rule != "stack" for n in c.adapters}
@@ -199,6 +200,26 @@ def _restore_fields(state: ModelState, spec: Spec, active: set[str], untied: dic
 def _restore_dict(target: dict, snapshot: dict) -> None:
     target.clear()
     target.update(snapshot)
+
+
+# An adapter larger than this many times its model is a typo (r, length or bottleneck off by orders of magnitude),
+# not parameter-efficient fine-tuning; below the floor, nothing is refused (tiny test models, wide adapters).
+MAX_ADAPTER_TO_MODEL = 4
+ADAPTER_SIZE_FLOOR = 1 << 24
+
+
+def _refuse_oversized(model: nn.Module, planned: list[Any]) -> None:
+    """Refuse, from the plan's parameter counts and before anything is allocated, adapters far larger than the
+    model: ``r: 100000000`` in a shared spec must be an error, not a request for gigabytes."""
+    total = sum(item.row.parameters for item in planned)
+    base = sum(p.numel() for p in model.parameters())
+    if total > max(MAX_ADAPTER_TO_MODEL * base, ADAPTER_SIZE_FLOOR):
+        largest = max(planned, key=lambda item: item.row.parameters).row
+        raise AttachError(
+            f"the adapters would hold {total:,} parameters, more than {MAX_ADAPTER_TO_MODEL}x the model's {base:,}; "
+            f"the largest is {largest.adapter!r} ({largest.method}) at {largest.path!r} with {largest.parameters:,}. "
+            "Check its size fields (r, length, bottleneck, reduction_factor)"
+        )
 
 
 def _refuse_adapters_holding_the_base(model: nn.Module, built: list[tuple[Any, Adapter]]) -> None:

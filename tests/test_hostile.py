@@ -352,3 +352,33 @@ def test_hostile_peft_patterns_are_checkpoint_errors_not_hangs(tmp_path) -> None
         else:
             with pytest.raises(peftkit.CheckpointError, match=message):
                 peftkit.from_peft(fresh(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"method": "lora", "target": "q_proj", "r": 10**30},
+        {"method": "lora", "target": "q_proj", "r": 100_000_000},
+        {"method": "prefix", "target": "self_attn", "length": 10**12},
+        {"method": "houlsby", "target": "o_proj", "bottleneck": 10**12},
+    ],
+)
+def test_adapters_far_larger_than_the_model_are_refused_before_allocation(entry: dict) -> None:
+    model = fresh()
+    with pytest.raises(peftkit.AttachError, match="more than 4x the model"):
+        peftkit.attach(model, {"adapters": {"a": [entry]}})
+    assert get_state(model) is None
+
+
+def test_size_fields_that_overflow_are_refused_at_validation() -> None:
+    with pytest.raises(SpecError, match=r"greater than or equal to 0\.015625"):
+        peftkit.Spec.model_validate({"adapters": {"a": [{"method": "houlsby", "reduction_factor": 5e-324}]}})
+
+
+@pytest.mark.parametrize("token", [-1, 10_000])
+def test_prompt_init_tokens_outside_the_vocabulary_are_refused(token: int) -> None:
+    model = fresh()
+    entry = {"method": "prompt", "length": 2, "init": "vocab", "init_tokens": [1, token]}
+    with pytest.raises(peftkit.AttachError, match=f"token id {token} is outside the vocabulary"):
+        peftkit.attach(model, {"adapters": {"p": [entry]}})
+    assert get_state(model) is None
