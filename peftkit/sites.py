@@ -268,11 +268,32 @@ def _unfollowable(module: nn.Module, module_type: type[nn.Module]) -> str | None
         return None
     if module_type is nn.Embedding:
         return None  # the embedding factory follows a scaled lookup and refuses every other override
+    if module_type is nn.Linear and _computes_a_linear_map(module):
+        return None  # e.g. Falcon's FalconLinear, which writes out x @ W.T + b
     return (
         f"{name} overrides {module_type.__name__}.forward, so peftkit cannot tell how its output follows from its "
         "weight (an adapter's merged and unmerged forward could disagree); leave it out of the target, or register "
         "a weight site for it with peftkit.sites.register_weight_site"
     )
+
+
+def _computes_a_linear_map(module: nn.Module) -> bool:
+    """Whether an nn.Linear subclass's own forward (no hooks) gives ``F.linear`` on two probe inputs, one of them
+    large (a clamp or a normalisation shows there). Unknowable on the meta device: False, so the host is refused."""
+    weight, bias = module.weight, getattr(module, "bias", None)
+    if weight.is_meta or not weight.is_floating_point():
+        return False
+    generator = torch.Generator(device=weight.device).manual_seed(0)
+    probe = torch.randn(2, weight.shape[1], generator=generator, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        for x in (probe, probe * 1000):
+            got, want = type(module).forward(module, x), F.linear(x, weight, bias)
+            if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+                return False
+            tolerance = 1e-2 if weight.dtype in (torch.float16, torch.bfloat16) else 1e-5
+            if not torch.allclose(got, want, rtol=tolerance, atol=tolerance * float(want.abs().max())):
+                return False
+    return True
 
 
 def make_site(kind: str, module: nn.Module, context: Any = None) -> Any:

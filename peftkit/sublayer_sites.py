@@ -99,7 +99,10 @@ class SublayerSite:
 
 
 def make_sublayer_site(kind: str, module: nn.Module, context: SiteContext | None) -> SublayerSite | str:
-    sizes = feature_sizes(module)
+    # A sub-layer found as a named place maps the block's hidden size to itself; that width is trusted over the
+    # host's first and last projections, which in a mixture of experts are a router and a shared expert's gate.
+    hidden = context.places.hidden_size(context.path) if context is not None and context.places else None
+    sizes = (hidden, hidden) if hidden is not None else feature_sizes(module)
     if isinstance(sizes, str):
         return sizes
     if next(module.parameters(), None) is None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import pytest
 import torch
 from hypothesis import strategies as st
@@ -90,47 +88,29 @@ def test_properties_follow_capabilities() -> None:
 
 def test_suite_catches_a_broken_method() -> None:
     """The suite is not vacuous: a method whose merge is wrong fails merge_equivalence."""
-    from scale_method import ScaleAdapter, ScaleConfig
+    from scale_method import ScaleAdapter
+    from variants import scale_variant
 
     class BrokenMerge(ScaleAdapter):
         def merge(self) -> None:  # forgets the bias
             factor = self.scale.detach().float()
             self.site.add_to_weight_((factor[:, None] - 1.0) * self.site.weight_as_matrix())
 
-    class BrokenConfig(ScaleConfig):
-        method: Literal["broken-scale"] = "broken-scale"
-
-    class Broken(Scale):
-        name = "broken-scale"
-        config = BrokenConfig
-
-        @classmethod
-        def create(cls, config, site):
-            return BrokenMerge(site)
-
-    with peftkit.registered(Broken), pytest.raises(AssertionError, match="merged output differs"):
+    variant = scale_variant("broken-scale", BrokenMerge)
+    with peftkit.registered(variant), pytest.raises(AssertionError, match="merged output differs"):
         testing.check("merge_equivalence", "broken-scale", max_examples=50)
 
 
 def test_suite_catches_a_method_that_ignores_the_host_device() -> None:
     """A method that builds its parameters on the CPU in float32, whatever ``site.device``/``site.dtype`` say."""
-    from scale_method import ScaleAdapter, ScaleConfig
+    from scale_method import ScaleAdapter
+    from variants import scale_variant
 
     class CPUAdapter(ScaleAdapter):
         def __init__(self, site) -> None:
             super().__init__(site)
             self.scale = torch.nn.Parameter(torch.ones(site.out_features))  # the slip: no device, no dtype
 
-    class CPUConfig(ScaleConfig):
-        method: Literal["cpu-scale"] = "cpu-scale"
-
-    class CPUScale(Scale):
-        name = "cpu-scale"
-        config = CPUConfig
-
-        @classmethod
-        def create(cls, config, site):
-            return CPUAdapter(site)
-
-    with peftkit.registered(CPUScale), pytest.raises(AssertionError, match="is on cpu, its host on meta"):
+    variant = scale_variant("cpu-scale", CPUAdapter)
+    with peftkit.registered(variant), pytest.raises(AssertionError, match="is on cpu, its host on meta"):
         testing.check("adapters_follow_the_host_device_and_dtype", "cpu-scale", max_examples=20)

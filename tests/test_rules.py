@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from typing import Literal
 
 import pytest
 import torch
@@ -142,22 +141,37 @@ def test_a_host_whose_forward_peftkit_cannot_follow_is_refused_by_name(host: nn.
     assert get_state(model) is None
 
 
+class WrittenOut(nn.Linear):
+    """Like Falcon's FalconLinear: the same map as nn.Linear, written out by hand."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t() + self.bias
+
+
+def test_a_linear_subclass_that_computes_the_same_map_is_followed() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(WrittenOut(4, 3))
+    x = torch.randn(5, 4)
+    peftkit.attach(model, lora("0", r=2))
+    randomise_adapters(model)
+    unmerged = model(x)
+    peftkit.merge(model)
+    assert relative_error(model(x), unmerged) < 1e-5
+
+
 def test_a_registered_weight_site_vouches_for_its_type() -> None:
+    """On the meta device the probe cannot run, so a subclass is refused until a registration vouches for it."""
     from peftkit import sites
 
-    class Plain(nn.Linear):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:  # the same map, written out
-            return x @ self.weight.t() + self.bias
-
-    model = nn.Sequential(Plain(4, 3))
-    with pytest.raises(TargetingError, match=r"Plain overrides Linear\.forward"):
+    model = nn.Sequential(WrittenOut(4, 3)).to("meta")
+    with pytest.raises(TargetingError, match=r"WrittenOut overrides Linear\.forward"):
         peftkit.plan(model, lora("0"))
-    sites.register_weight_site(Plain, lambda module: sites.LinearSite(module))
+    sites.register_weight_site(WrittenOut, lambda module: sites.LinearSite(module))
     try:
         assert len(peftkit.plan(model, lora("0")).rows) == 1
     finally:
         sites._WEIGHT_SITE_TYPES.pop(0)
-        sites._REGISTERED_TYPES.discard(Plain)
+        sites._REGISTERED_TYPES.discard(WrittenOut)
 
 
 # -- quantised hosts ----------------------------------------------------------------------------------------------
@@ -187,29 +201,17 @@ def test_a_bitsandbytes_4bit_host_is_refused_by_name() -> None:
 
 # -- adapters that take the base in ----------------------------------------------------------------------------
 def test_an_adapter_that_registers_its_host_is_refused_at_attach() -> None:
-    from scale_method import Scale, ScaleAdapter, ScaleConfig
+    from scale_method import ScaleAdapter
+    from variants import scale_variant
 
     class HoldsHost(ScaleAdapter):
         def __init__(self, site) -> None:
             super().__init__(site)
             self.host = site.module  # the slip: registers the base module as a submodule
 
-    class HoldsHostConfig(ScaleConfig):
-        method: Literal["holds-host"] = "holds-host"
-
-    class HoldsHostMethod(Scale):
-        name = "holds-host"
-        config = HoldsHostConfig
-
-        @classmethod
-        def create(cls, config, site):
-            return HoldsHost(site)
-
     model = build_model("mlp")
-    with (
-        peftkit.registered(HoldsHostMethod),
-        pytest.raises(AttachError, match="registers a module of the model as `host`"),
-    ):
+    variant = scale_variant("holds-host", HoldsHost)
+    with peftkit.registered(variant), pytest.raises(AttachError, match="registers a module of the model as `host`"):
         peftkit.attach(model, {"adapters": {"a": [{"method": "holds-host", "target": "0"}]}})
     assert get_state(model) is None and all(p.requires_grad for p in model.parameters())
     assert list(model.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
