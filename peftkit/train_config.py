@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from peftkit.errors import SpecError
 from peftkit.spec import Spec, _format_validation_error
+from peftkit.untrusted import parse_yaml
 
 
 class _Strict(BaseModel):
@@ -87,11 +87,12 @@ class TrainConfig(_Strict):
     def from_file(cls, path: str | Path) -> TrainConfig:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
         except OSError as error:
             raise SpecError(f"cannot read training config {str(path)!r}: {error.strerror or error}") from None
-        except yaml.YAMLError as error:
-            raise SpecError(f"training config {str(path)!r} is not valid YAML: {error}") from None
+        except UnicodeDecodeError as error:
+            raise SpecError(f"training config {str(path)!r} is not UTF-8 text: {error}") from None
+        data = parse_yaml(text, SpecError, f"training config {str(path)!r}")
         try:
             return cls.model_validate(data)
         except ValidationError as error:

@@ -30,6 +30,7 @@ from peftkit.errors import CheckpointError, PeftkitError
 from peftkit.io import SPEC_FILE, _saved_parameters, restore_adapter_weights, save
 from peftkit.precision import merge_error
 from peftkit.train_config import TrainConfig
+from peftkit.untrusted import parse_json
 
 IGNORE_INDEX = -100
 
@@ -37,14 +38,18 @@ IGNORE_INDEX = -100
 def _read_texts(path: Path, field: str) -> list[str]:
     if not path.is_file():
         raise PeftkitError(f"data file {str(path)!r} not found; give data.train as a .txt or .jsonl file")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as error:
+        raise PeftkitError(f"data file {str(path)!r} is not UTF-8 text: {error}") from None
     if path.suffix == ".jsonl":
-        try:
-            texts = [json.loads(line)[field] for line in lines]
-        except (ValueError, KeyError, TypeError) as error:
-            raise PeftkitError(
-                f"{str(path)!r}: every line must be a JSON object with a {field!r} field ({error})"
-            ) from None
+        texts = []
+        for number, line in enumerate(lines, start=1):
+            record = parse_json(line, PeftkitError, f"{str(path)!r} line {number}")
+            text = record.get(field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise PeftkitError(f"{str(path)!r} line {number}: must be a JSON object with a string {field!r} field")
+            texts.append(text)
     else:
         texts = lines
     if not texts:

@@ -382,3 +382,21 @@ def test_prompt_init_tokens_outside_the_vocabulary_are_refused(token: int) -> No
     with pytest.raises(peftkit.AttachError, match=f"token id {token} is outside the vocabulary"):
         peftkit.attach(model, {"adapters": {"p": [entry]}})
     assert get_state(model) is None
+
+
+def test_bad_training_configs_and_data_are_peftkit_errors(tmp_path) -> None:
+    from peftkit.cli import main
+    from peftkit.train_config import TrainConfig
+    from peftkit.training import _read_texts
+
+    (tmp_path / "latin1.yaml").write_bytes(b"steps: 2\nname: caf\xe9\n")
+    with pytest.raises(SpecError, match="is not UTF-8 text"):
+        TrainConfig.from_file(tmp_path / "latin1.yaml")
+    (tmp_path / "deep.yaml").write_text("spec: " + "[" * 5000 + "]" * 5000)
+    with pytest.raises(SpecError, match="nested too deeply"):
+        TrainConfig.from_file(tmp_path / "deep.yaml")
+    assert main(["train", str(tmp_path / "latin1.yaml")]) == 2
+    for line, message in [("[" * 5000 + "]" * 5000, "nested too deeply"), ('{"text": 3}', "string 'text' field")]:
+        (tmp_path / "data.jsonl").write_text(line + "\n")
+        with pytest.raises(peftkit.PeftkitError, match=message):
+            _read_texts(tmp_path / "data.jsonl", "text")
