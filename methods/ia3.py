@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from peftkit import Adapter, Capabilities, Method, MethodConfig
 from peftkit.method import ALL_RULES
 from peftkit.sites import WeightSite
-from peftkit.targeting import compile_pattern
+from peftkit.targeting import check_patterns, compile_pattern
 
 
 class IA3Config(MethodConfig):
@@ -37,9 +37,7 @@ class IA3Config(MethodConfig):
     @field_validator("feedforward")
     @classmethod
     def _feedforward_patterns_compile(cls, value: list[str]) -> list[str]:
-        for pattern in value:
-            compile_pattern(pattern)
-        return value
+        return check_patterns(value)
 
 
 def _scales_input(config: IA3Config, site: WeightSite) -> bool:

@@ -39,13 +39,12 @@ class MethodConfig(BaseModel):
     @field_validator("target")
     @classmethod
     def _targets_are_patterns(cls, value: str | list[str]) -> str | list[str]:
-        from peftkit.targeting import compile_pattern
+        from peftkit.targeting import check_patterns
 
         patterns = [value] if isinstance(value, str) else value
         if not patterns:
             raise ValueError("target must name at least one pattern")
-        for pattern in patterns:
-            compile_pattern(pattern)
+        check_patterns(patterns)
         return value
 
     @field_validator("layers", mode="before")

@@ -138,11 +138,9 @@ class Spec(BaseModel):
     @field_validator("trainable")
     @classmethod
     def _trainable_patterns_compile(cls, value: list[str]) -> list[str]:
-        from peftkit.targeting import compile_pattern
+        from peftkit.targeting import check_patterns
 
-        for pattern in value:
-            compile_pattern(pattern)
-        return value
+        return check_patterns(value)
 
     # -- loading: every path ends in SpecError, never a pydantic or YAML exception -------------------------------
     @classmethod

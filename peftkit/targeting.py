@@ -72,6 +72,13 @@ def compile_pattern(pattern: str, places: Places | None = None) -> Callable[[str
     return lambda path: fnmatchcase(path, pattern) or fnmatchcase(path, "*." + pattern)
 
 
+def check_patterns(patterns: list[str]) -> list[str]:
+    """Compile each pattern once, without a model, so a bad one is refused when the spec is validated."""
+    for pattern in patterns:
+        compile_pattern(pattern)
+    return patterns
+
+
 def base_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The model's own modules by path, without peftkit's adapter containers and their contents."""
     modules = {}
