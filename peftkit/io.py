@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from peftkit.atomic import write_file_atomically
 from peftkit.attach import attach, detach, get_state, plan, plan_trainable_paths, require_state
 from peftkit.errors import AttachError, CheckpointError, PeftkitError
 from peftkit.spec import Spec
@@ -53,24 +52,6 @@ def _saved_parameters(model: nn.Module, adapter_names: set[str] | None = None) -
     return tensors
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, fsync it, then rename over ``path``.
-
-    Temporary files a killed earlier write left behind are removed first (their names start with ``.NAME.``)."""
-    for stale in path.parent.glob(f".{path.name}.*"):
-        stale.unlink(missing_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    try:
-        write(temporary)
-        with open(temporary, "rb") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
 def save(model: nn.Module, directory: str | Path, *, tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the model's adapters (and ``trainable`` modules) and its spec to ``directory``; nothing else.
 
@@ -92,8 +73,8 @@ def save(model: nn.Module, directory: str | Path, *, tensors: dict[str, torch.Te
         tensors[name] = tensor.detach().to("cpu").contiguous().clone()
     spec = state.spec.to_json()
     metadata = {"format": "peftkit", SPEC_METADATA: spec}  # the spec travels inside the one file renamed last
-    _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    _atomic_write(directory / SPEC_FILE, lambda tmp: Path(tmp).write_text(spec, encoding="utf-8"))
+    write_file_atomically(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_file_atomically(directory / SPEC_FILE, lambda tmp: Path(tmp).write_text(spec, encoding="utf-8"))
     return directory
 
 

@@ -208,7 +208,7 @@ def test_a_save_killed_between_its_writes_leaves_the_old_or_the_new_checkpoint(
     old = saved(tmp_path)
     new = peftkit.attach(fresh(), {"adapters": {"other": [{"method": "lora", "target": "k_proj", "r": 2}]}})
     peftkit.testing.randomise_adapters(new, 7)
-    write, calls = io._atomic_write, [0]
+    write, calls = io.write_file_atomically, [0]
 
     def killed(path, produce):
         calls[0] += 1
@@ -216,7 +216,7 @@ def test_a_save_killed_between_its_writes_leaves_the_old_or_the_new_checkpoint(
             raise KeyboardInterrupt  # the process dies before this file is renamed into place
         write(path, produce)
 
-    monkeypatch.setattr(io, "_atomic_write", killed)
+    monkeypatch.setattr(io, "write_file_atomically", killed)
     with pytest.raises(KeyboardInterrupt):
         peftkit.save(new, tmp_path)
     monkeypatch.undo()
