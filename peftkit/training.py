@@ -67,7 +67,12 @@ class Tokens:
         if tokenizer is not None:
             from transformers import AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+            if not Path(tokenizer).is_dir():
+                raise PeftkitError(f"tokenizer {tokenizer!r} is not a folder; give a local tokenizer folder (no hub)")
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise PeftkitError(f"tokenizer folder {tokenizer!r} could not be loaded: {error}") from None
 
     def __call__(self, text: str) -> list[int]:
         if self.tokenizer is not None:
@@ -122,6 +127,24 @@ def _build_model(config: TrainConfig) -> nn.Module:
     return load_model(config.model.name, pretrained=config.model.pretrained)
 
 
+def _refuse_models_without_a_language_model_head(model: nn.Module, name: str) -> None:
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if head is None:
+        raise PeftkitError(
+            f"peftkit train fine-tunes a causal language model, and {name!r} builds a {type(model).__name__}, which "
+            "has no language-model head (get_output_embeddings() is None); use a causal LM such as llama-tiny or "
+            "gpt2-tiny, or a folder whose config.json names a ...ForCausalLM architecture"
+        )
+
+
+def _refuse_an_output_that_is_a_file(output: Path) -> None:
+    for folder in (output, *output.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise PeftkitError(f"output {str(output)!r} cannot be a folder: {str(folder)!r} is a file")
+            return
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -134,14 +157,14 @@ class TrainResult:
     merge_error: float | None = None
 
 
-def _resume_checkpoint(output: Path, model: nn.Module) -> tuple[dict[str, Any] | None, Path | None]:
+def _resume_checkpoint(output: Path, model: nn.Module, steps: int) -> tuple[dict[str, Any] | None, Path | None]:
     """The newest checkpoint's state, with its adapter weights already in ``model`` (before any sharding, so FSDP2
     shards the resumed values); anything damaged or written for another spec stops the run before it trains."""
     folder = checkpointing.latest(output)
     if folder is None:
         return None, None
     try:
-        state = checkpointing.read_state(folder)
+        state = checkpointing.read_state(folder, steps)
         restore_adapter_weights(model, folder)
     except Exception as error:  # any damage: say which file and stop before training over it
         raise CheckpointError(
@@ -168,6 +191,7 @@ def _train(config: TrainConfig, config_dir: Path, runtime: Runtime, *, progress:
     output = Path(config.output)
     output = output if output.is_absolute() else config_dir / output
     spec = config.resolved_spec(config_dir)
+    _refuse_an_output_that_is_a_file(output)
     if config.batch_size < runtime.world_size:
         raise PeftkitError(
             f"batch_size {config.batch_size} is the global batch and cannot be split over {runtime.world_size} "
@@ -181,6 +205,7 @@ def _train(config: TrainConfig, config_dir: Path, runtime: Runtime, *, progress:
     torch.manual_seed(config.seed)  # the same on every rank: every rank builds the same base and adapters
     random.seed(config.seed)
     model = _build_model(config)
+    _refuse_models_without_a_language_model_head(model, config.model.name)
     attach(model, spec)  # a spec that does not fit the model fails here, before anything is written
     if config.precision == "bf16":  # AdamW on float32 adapters over a bf16 base: autocast mixes the two
         for parameter in model.parameters():
@@ -193,7 +218,7 @@ def _train(config: TrainConfig, config_dir: Path, runtime: Runtime, *, progress:
         torch.manual_seed(config.seed + 1_000_003 * runtime.rank)
         random.seed(config.seed + 1_000_003 * runtime.rank)
     start = 0
-    state, folder = _resume_checkpoint(output, model)
+    state, folder = _resume_checkpoint(output, model, config.steps)
     net = distributed.wrap(model, config.distributed.strategy, runtime)
     parameters = [p for p in net.parameters() if p.requires_grad]  # after wrap: FSDP2 swaps in DTensors
     optimizer = torch.optim.AdamW(
@@ -201,14 +226,7 @@ def _train(config: TrainConfig, config_dir: Path, runtime: Runtime, *, progress:
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     if state is not None:
-        distributed.load_optimizer_state(net, optimizer, state["optimizer"], runtime)
-        scheduler.load_state_dict(state["scheduler"])
-        if len(state["rng"]) == runtime.world_size:
-            _set_rng_state(state["rng"][runtime.rank])
-        else:
-            log(f"checkpoint written by {len(state['rng'])} processes: dropout RNG streams start afresh")
-        start = int(state["step"])
-        log(f"resuming from {folder} at step {start}")
+        start = _restore_state(state, folder, net, optimizer, scheduler, runtime, log)
 
     autocast = torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     net.train()
@@ -278,6 +296,24 @@ def _merge_error(model: nn.Module, runtime: Runtime) -> float | None:
     except PeftkitError:  # adapter layers, prefixes, prompts: nothing to merge
         return None
     return max(errors.values(), default=0.0)
+
+
+def _restore_state(state: dict[str, Any], folder, net: nn.Module, optimizer, scheduler, runtime, log) -> int:
+    """Put a checked checkpoint's optimiser, scheduler and RNG state in place; returns the step to resume at."""
+    try:
+        distributed.load_optimizer_state(net, optimizer, state["optimizer"], runtime)
+        scheduler.load_state_dict(state["scheduler"])
+        if len(state["rng"]) == runtime.world_size:
+            _set_rng_state(state["rng"][runtime.rank])
+        else:
+            log(f"checkpoint written by {len(state['rng'])} processes: dropout RNG streams start afresh")
+    except Exception as error:  # a state that parsed but does not fit this run: name the file, train nothing
+        raise CheckpointError(
+            f"checkpoint {str(folder)!r} cannot be resumed: its training state does not fit this run "
+            f"({type(error).__name__}: {error}); remove it or choose another output"
+        ) from None
+    log(f"resuming from {folder} at step {state['step']}")
+    return state["step"]
 
 
 def _rng_state() -> dict[str, Any]:

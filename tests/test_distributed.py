@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 import peftkit
 from peftkit.train_config import TrainConfig
 from peftkit.training import train
+from peftkit.tree_file import read_tree
 from peftkit.zoo import load_model
 
 pytestmark = pytest.mark.skipif(
@@ -106,8 +107,8 @@ def assert_same_run(expected: Path, got: Path) -> None:
     assert want.keys() == have.keys()
     for key in want:
         torch.testing.assert_close(have[key], want[key], atol=1e-5, rtol=0, msg=key)
-    want_state = torch.load(expected / "checkpoint" / "state.pt", weights_only=True)["optimizer"]["state"]
-    have_state = torch.load(got / "checkpoint" / "state.pt", weights_only=True)["optimizer"]["state"]
+    want_state = read_tree(expected / "checkpoint" / "state.safetensors")["optimizer"]["state"]
+    have_state = read_tree(got / "checkpoint" / "state.safetensors")["optimizer"]["state"]
     assert want_state.keys() == have_state.keys()
     for name, moments in want_state.items():
         for moment in ("exp_avg", "exp_avg_sq"):
@@ -136,7 +137,7 @@ def test_two_ddp_processes_take_the_single_process_steps(reference, ddp_run):
     folder, stdout = ddp_run
     assert_same_run(reference[4], folder / "out")
     assert stdout.count('"step": 4') == 1, "only rank 0 logs"
-    assert len(torch.load(folder / "out" / "checkpoint" / "state.pt", weights_only=True)["rng"]) == 2
+    assert len(read_tree(folder / "out" / "checkpoint" / "state.safetensors")["rng"]) == 2
 
 
 @pytest.fixture(scope="module")
