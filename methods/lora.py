@@ -190,15 +190,26 @@ class LoRA(Method):
         "velora_config": None,
     }
 
+    # initialisations that move part of W0 into the factors and save the residual as the new base (PiSSA, OLoRA,
+    # CorDA, LoftQ, LoRA-GA); PEFT keeps the name in the config unless the save converted the adapter to a delta
+    _PEFT_INITS_THAT_CHANGE_THE_BASE = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
     @classmethod
     def from_peft(
         cls, peft_config: dict, tensors: dict[str, torch.Tensor], model: nn.Module, adapter_name: str
     ) -> tuple[list[dict], dict[str, torch.Tensor]]:
         from peftkit.errors import CheckpointError
-        from peftkit.peft_format import peftkit_key, refuse_features, split_peft_key
+        from peftkit.peft_format import peft_field, peft_value, peftkit_key, refuse_features, split_peft_key
         from peftkit.regex import compile_fullmatch
 
         refuse_features(peft_config, cls._PEFT_UNSUPPORTED)
+        init = peft_config.get("init_lora_weights")
+        if isinstance(init, str) and init.startswith(cls._PEFT_INITS_THAT_CHANGE_THE_BASE):
+            raise CheckpointError(
+                f"the PEFT checkpoint was trained with init_lora_weights={init!r}, which rewrote the base weights; "
+                "its adapter only fits the residual base saved beside it. Save it from PEFT with "
+                "path_initial_model_for_weight_conversion (a plain LoRA delta against the original base) and load that"
+            )
 
         def pattern_value(patterns: object, path: str, default: float) -> float:
             # PEFT's rule: the pattern matches the whole path or a dotted suffix of it. The patterns come from a
@@ -206,6 +217,8 @@ class LoRA(Method):
             if not isinstance(patterns, dict):
                 raise CheckpointError(f"a PEFT pattern table must be a mapping, got {type(patterns).__name__}")
             for pattern, value in patterns.items():
+                if not isinstance(pattern, str):
+                    raise CheckpointError(f"a PEFT pattern must be a string, got {pattern!r}")
                 try:
                     matches = compile_fullmatch(rf"(?:.*\.)?(?:{pattern})", "PEFT pattern")
                 except (ValueError, TypeError) as error:
@@ -227,12 +240,18 @@ class LoRA(Method):
             if a.dim() != 2 or b.dim() != 2:
                 raise CheckpointError(f"LoRA on {path!r} has {a.dim()}-d factors (a convolution): not supported")
             rank = a.shape[0]
-            wanted = pattern_value(peft_config.get("rank_pattern") or {}, path, peft_config.get("r", rank))
+            wanted = pattern_value(
+                peft_config.get("rank_pattern") or {}, path, peft_field(peft_config, "r", "count", rank)
+            )
+            wanted = peft_value("a rank_pattern value", wanted, "count")
             if b.shape[1] != rank or wanted != rank:
                 raise CheckpointError(
                     f"LoRA on {path!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not give rank {wanted}"
                 )
-            alpha = float(pattern_value(peft_config.get("alpha_pattern") or {}, path, peft_config.get("lora_alpha", 8)))
+            alpha = pattern_value(
+                peft_config.get("alpha_pattern") or {}, path, peft_field(peft_config, "lora_alpha", "number", 8)
+            )
+            alpha = float(peft_value("an alpha_pattern value", alpha, "number"))
             groups.setdefault((rank, alpha), []).append(path)
             state[peftkit_key(path, adapter_name, "lora_a")] = a
             state[peftkit_key(path, adapter_name, "lora_b")] = b
@@ -244,8 +263,8 @@ class LoRA(Method):
                 "target": paths,
                 "r": rank,
                 "alpha": alpha,
-                "dropout": float(peft_config.get("lora_dropout") or 0.0),
-                "rslora": bool(peft_config.get("use_rslora", False)),
+                "dropout": float(peft_field(peft_config, "lora_dropout", "number", 0.0)),
+                "rslora": peft_field(peft_config, "use_rslora", "flag", False),
             }
             for (rank, alpha), paths in groups.items()
         ]

@@ -150,13 +150,14 @@ class Prefix(Method):
         cls, peft_config: dict, tensors: dict[str, torch.Tensor], model: nn.Module, adapter_name: str
     ) -> tuple[list[dict], dict[str, torch.Tensor]]:
         from peftkit.errors import CheckpointError
-        from peftkit.peft_format import peftkit_key, refuse_features
+        from peftkit.peft_format import peft_field, peftkit_key, refuse_features
 
         refuse_features(peft_config, {"prefix_projection": False, "num_transformer_submodules": 1})
         if set(tensors) != {"prompt_embeddings"}:
             raise CheckpointError(f"a PEFT prefix-tuning file holds only 'prompt_embeddings', found {sorted(tensors)}")
         table = tensors["prompt_embeddings"]  # "p (l two h d)"
-        length, heads = peft_config["num_virtual_tokens"], peft_config["num_attention_heads"]
+        length = peft_field(peft_config, "num_virtual_tokens", "count")
+        heads = peft_field(peft_config, "num_attention_heads", "count")
         layers = cls._peft_layers(model, length)
         if table.dim() != 2 or table.shape[0] != length or table.shape[1] % (2 * len(layers) * heads):
             raise CheckpointError(

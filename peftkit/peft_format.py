@@ -14,6 +14,7 @@ method cannot represent is a :class:`~peftkit.errors.CheckpointError` that names
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from peftkit.atomic import write_files_together
 from peftkit.attach import AttachedAdapter, attach, detach, get_state, require_state
 from peftkit.errors import CheckpointError, PeftkitError
-from peftkit.io import _atomic_write, _saved_parameters, check_fits, fill, read_small_file
+from peftkit.io import _saved_parameters, check_fits, fill, read_small_file
 from peftkit.method import Method
 from peftkit.registry import get_method, known_methods
 from peftkit.spec import Spec
@@ -75,6 +77,34 @@ def refuse_features(peft_config: Mapping[str, Any], supported: Mapping[str, Any]
             )
 
 
+_FIELD_KINDS: dict[str, tuple[str, Any]] = {
+    "count": ("a whole number of at least 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "number": (
+        "a finite number",
+        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
+    ),
+    "flag": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def peft_field(peft_config: Mapping[str, Any], name: str, kind: str, default: Any = None) -> Any:
+    """The config's ``name`` (or ``default`` when absent or null), refused unless it is of ``kind``:
+    ``count`` (a whole number >= 1), ``number`` (finite) or ``flag`` (a boolean). adapter_config.json is untrusted
+    input, and a value of the wrong type would otherwise surface as a false message far from its cause."""
+    value = peft_config.get(name)
+    return peft_value(name, default if value is None else value, kind)
+
+
+def peft_value(name: str, value: Any, kind: str) -> Any:
+    """``value`` (read from the config's ``name``, or one of its pattern tables) if it is of ``kind``."""
+    description, fits = _FIELD_KINDS[kind]
+    if not fits(value):
+        raise CheckpointError(
+            f"{CONFIG_FILE}: {name} must be {description}, got {value!r} ({type(value).__name__}); fix the file"
+        )
+    return value
+
+
 def module_path(model: nn.Module, module: nn.Module) -> str:
     """The dotted path of ``module`` inside ``model``."""
     for name, candidate in model.named_modules():
@@ -95,6 +125,8 @@ def read_peft_config(directory: str | Path) -> dict[str, Any]:
 
 def method_for_peft_type(peft_type: Any) -> type[Method]:
     """The registered method whose class declares this ``peft_type``."""
+    if not isinstance(peft_type, str):
+        raise CheckpointError(f"{CONFIG_FILE}: peft_type must be a string such as 'LORA', got {peft_type!r}")
     supported = {}
     for name in known_methods():
         method = get_method(name)
@@ -227,9 +259,13 @@ def to_peft(model: nn.Module, directory: str | Path, adapter_name: str = "defaul
         if tensor.is_meta:
             raise CheckpointError(f"{key} is on the meta device; materialise the model before exporting")
     cpu = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True)
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    directory = Path(directory)
+    write_files_together(
+        directory,
+        {
+            WEIGHTS_FILE: lambda tmp: save_file(cpu, tmp, metadata={"format": "pt"}),
+            CONFIG_FILE: lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
+        },
+    )
     return directory

@@ -6,7 +6,6 @@ when only its structure matters (``peftkit plan`` on a 7B-shaped model costs no 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +13,8 @@ import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
+from peftkit.io import read_small_file
+from peftkit.untrusted import parse_json
 
 
 def _gpt2(**overrides):
@@ -117,6 +118,26 @@ TINY_MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _read_config(config_file: Path) -> dict:
+    """A transformers config.json, read as untrusted input: bounded size and depth, a JSON object with a model_type."""
+    text = read_small_file(config_file, MAX_CONFIG_BYTES, "a model folder holds config.json")
+    fields = parse_json(text, PeftkitError, repr(str(config_file)))
+    if not isinstance(fields, dict) or not isinstance(fields.get("model_type"), str):
+        raise PeftkitError(
+            f"{str(config_file)!r} must be a JSON object with a 'model_type' string (a transformers config)"
+        )
+    return fields
+
+
 def build_model(name_or_path: str, *, meta: bool = False) -> nn.Module:
     """A model by zoo name, or from a folder/file holding a transformers ``config.json`` (random weights)."""
 
@@ -132,7 +153,11 @@ def build_model(name_or_path: str, *, meta: bool = False) -> nn.Module:
             )
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-        config = AutoConfig.for_model(**json.loads(config_file.read_text()))
+        fields = _read_config(config_file)
+        try:
+            config = AutoConfig.for_model(**fields)
+        except (ValueError, KeyError, TypeError) as error:
+            raise PeftkitError(f"{str(config_file)!r} is not a config transformers can build: {error}") from None
         try:
             return AutoModelForCausalLM.from_config(config)
         except ValueError:
@@ -156,8 +181,17 @@ def load_model(name_or_path: str, *, pretrained: bool = False) -> nn.Module:
         raise PeftkitError(f"model {name_or_path!r}: pretrained needs a local folder with config.json and weights")
     import transformers
 
-    architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    architectures = _read_config(path / "config.json").get("architectures") or []
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise PeftkitError(
+            f"model {name_or_path!r}: pretrained needs the folder's weights ({' or '.join(WEIGHT_FILES[:2])}), and "
+            "it holds none; save the model there with save_pretrained, or drop pretrained to use random weights"
+        )
+    first = architectures[0] if isinstance(architectures, list) and architectures else None
+    model_class = getattr(transformers, first, None) if isinstance(first, str) else None
     if not (isinstance(model_class, type) and hasattr(model_class, "from_pretrained")):
         model_class = transformers.AutoModelForCausalLM
-    return model_class.from_pretrained(path, local_files_only=True)
+    try:
+        return model_class.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:  # damaged or mismatched weight files
+        raise PeftkitError(f"model {name_or_path!r}: transformers could not load its weights: {error}") from None

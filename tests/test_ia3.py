@@ -64,7 +64,6 @@ def test_ia3_trains_only_its_vectors() -> None:
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-
 def test_explicit_targets_work_on_a_model_whose_feedforward_place_is_unknown() -> None:
     """The default ``feedforward`` place is optional: a model without one scales every explicit target's output."""
     model = build_model("mlp").eval()

@@ -48,7 +48,8 @@ def test_plan_counts_and_prints() -> None:
 def test_no_match_names_the_closest_paths() -> None:
     model = build_model("llama-tiny")
     with pytest.raises(
-        TargetingError, match=r"'q_prj' matched no module this method can adapt; closest: 'model\.layers\.\d\.self_attn\.q_proj'"
+        TargetingError,
+        match=r"'q_prj' matched no module this method can adapt; closest: 'model\.layers\.\d\.self_attn\.q_proj'",
     ):
         peftkit.plan(model, lora("q_prj"))
 
