@@ -48,7 +48,7 @@ from peftkit_benchmarks.lora_overhead import paired_ratio, round_robin
 from torch import nn
 
 import peftkit
-from peftkit.targeting import ADAPTER_CONTAINER
+from peftkit.keys import ADAPTER_CONTAINER
 from peftkit.testing import randomise_adapters
 
 # Hu et al. (2021), Table 1 (Quadro RTX8000, GPT-2 medium, mean of 100 trials): latency over Fine-Tune/LoRA.

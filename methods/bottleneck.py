@@ -26,7 +26,7 @@ from torch import nn
 
 from peftkit import Adapter, Capabilities, Method, MethodConfig
 from peftkit.method import ALL_RULES
-from peftkit.sublayer_sites import SublayerSite
+from peftkit.sites.sublayer import SublayerSite
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "swish": nn.SiLU}
 

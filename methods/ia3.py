@@ -22,8 +22,8 @@ from transformers.pytorch_utils import Conv1D
 
 from peftkit import Adapter, Capabilities, Method, MethodConfig
 from peftkit.method import ALL_RULES
+from peftkit.patterns import check_patterns, compile_pattern
 from peftkit.sites import WeightSite
-from peftkit.targeting import check_patterns, compile_pattern
 
 
 class IA3Config(MethodConfig):
@@ -124,7 +124,7 @@ class IA3(Method):
         cls, peft_config: dict, tensors: dict[str, torch.Tensor], model: nn.Module, adapter_name: str
     ) -> tuple[list[dict], dict[str, torch.Tensor]]:
         from peftkit.errors import CheckpointError
-        from peftkit.peft_format import peftkit_key, split_peft_key
+        from peftkit.interop.peft import peftkit_key, split_peft_key
 
         targets, feedforward, state = [], [], {}
         for key, tensor in tensors.items():
@@ -142,7 +142,7 @@ class IA3(Method):
     @classmethod
     def to_peft(cls, attached: list, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
         from peftkit.errors import CheckpointError
-        from peftkit.peft_format import peft_key
+        from peftkit.interop.peft import peft_key
 
         conv1d = [isinstance(a.module.site.module, Conv1D) for a in attached]
         if any(conv1d) and not all(conv1d):

@@ -199,7 +199,7 @@ class LoRA(Method):
         cls, peft_config: dict, tensors: dict[str, torch.Tensor], model: nn.Module, adapter_name: str
     ) -> tuple[list[dict], dict[str, torch.Tensor]]:
         from peftkit.errors import CheckpointError
-        from peftkit.peft_format import peft_field, peft_value, peftkit_key, refuse_features, split_peft_key
+        from peftkit.interop.peft import peft_field, peft_value, peftkit_key, refuse_features, split_peft_key
         from peftkit.regex import compile_fullmatch
 
         refuse_features(peft_config, cls._PEFT_UNSUPPORTED)
@@ -277,7 +277,7 @@ class LoRA(Method):
         from transformers.pytorch_utils import Conv1D
 
         from peftkit.errors import CheckpointError
-        from peftkit.peft_format import peft_key
+        from peftkit.interop.peft import peft_key
 
         configs = [a.config for a in attached]
         for field in ("rslora", "dropout"):

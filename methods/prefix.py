@@ -5,7 +5,7 @@ keys and values every query attends to:
 
     attention(Q, [P_k; K], [P_v; V])
 
-They are added after the KV cache update and the rotary embedding (see ``peftkit.attention_sites``), so they are
+They are added after the KV cache update and the rotary embedding (see ``peftkit.sites.attention``), so they are
 not cached, carry no position, and real tokens keep theirs. Li & Liang train the prefix through a
 reparametrisation, ``P = MLP(E)`` with a smaller embedding E (sec. 4.3); ``reparametrize: true`` does that and
 ``peftkit.fold`` replaces the MLP by the plain prefixes it produces, for inference and saving.
@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import nn
 
 from peftkit import Adapter, Capabilities, Method, MethodConfig
-from peftkit.attention_sites import AttentionSite, check_extra_keys, prepend_keys
+from peftkit.sites.attention import AttentionSite, check_extra_keys, prepend_keys
 
 
 class PrefixConfig(MethodConfig):
@@ -141,7 +141,7 @@ class Prefix(Method):
 
     @classmethod
     def _peft_layers(cls, model: nn.Module, length: int) -> list[str]:
-        from peftkit.attach import plan
+        from peftkit.lifecycle.attach import plan
 
         return [row.path for row in plan(model, {"adapters": {"x": [{"method": "prefix", "length": length}]}}).rows]
 
@@ -150,7 +150,7 @@ class Prefix(Method):
         cls, peft_config: dict, tensors: dict[str, torch.Tensor], model: nn.Module, adapter_name: str
     ) -> tuple[list[dict], dict[str, torch.Tensor]]:
         from peftkit.errors import CheckpointError
-        from peftkit.peft_format import peft_field, peftkit_key, refuse_features
+        from peftkit.interop.peft import peft_field, peftkit_key, refuse_features
 
         refuse_features(peft_config, {"prefix_projection": False, "num_transformer_submodules": 1})
         if set(tensors) != {"prompt_embeddings"}:

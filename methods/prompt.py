@@ -1,7 +1,7 @@
 """Prompt tuning (Lester et al., 2021, arXiv:2104.08691) and P-tuning (Liu et al., 2021, arXiv:2103.10385).
 
 Both learn ``length`` virtual token embeddings that are put in front of the input embeddings (see
-``peftkit.input_sites``, which also widens the attention mask and ignores the virtual positions in ``labels``):
+``peftkit.sites.input``, which also widens the attention mask and ignores the virtual positions in ``labels``):
 
 - **prompt tuning** learns the embeddings directly, initialised at random, from given vocabulary tokens
   (Lester et al. sec. 3.2 find vocabulary initialisation best), or from a text;
@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from peftkit import Adapter, AttachError, Capabilities, Method, MethodConfig
-from peftkit.input_sites import InputSite
+from peftkit.sites.input import InputSite
 
 
 class PromptConfig(MethodConfig):
@@ -144,7 +144,7 @@ class PromptTuning(Method):
         cls, peft_config: dict, tensors: dict[str, torch.Tensor], model: nn.Module, adapter_name: str
     ) -> tuple[list[dict], dict[str, torch.Tensor]]:
         from peftkit.errors import CheckpointError
-        from peftkit.peft_format import module_path, peftkit_key, refuse_features
+        from peftkit.interop.peft import module_path, peftkit_key, refuse_features
 
         refuse_features(peft_config, {"num_transformer_submodules": 1})
         if set(tensors) != {"prompt_embeddings"}:

@@ -5,8 +5,18 @@ merges, saves and loads them without knowing which method it drives.
 """
 
 from peftkit import zoo
-from peftkit.activation import activate, active_adapters, disabled, route, set_trainable
-from peftkit.attach import (
+from peftkit.errors import (
+    AttachError,
+    CheckpointError,
+    PeftkitError,
+    RegistryError,
+    SpecError,
+    TargetingError,
+)
+from peftkit.interop.peft import from_peft, to_peft
+from peftkit.io import load, read_spec, save
+from peftkit.lifecycle.activation import activate, active_adapters, disabled, route, set_trainable
+from peftkit.lifecycle.attach import (
     TrainableParameters,
     attach,
     detach,
@@ -17,19 +27,9 @@ from peftkit.attach import (
     trainable_parameters,
     unmerge,
 )
-from peftkit.combine import combine
-from peftkit.errors import (
-    AttachError,
-    CheckpointError,
-    PeftkitError,
-    RegistryError,
-    SpecError,
-    TargetingError,
-)
-from peftkit.io import load, read_spec, save
+from peftkit.lifecycle.combine import combine
+from peftkit.lifecycle.precision import merge_error
 from peftkit.method import Adapter, Capabilities, Method, MethodConfig
-from peftkit.peft_format import from_peft, to_peft
-from peftkit.precision import merge_error
 from peftkit.registry import (
     broken_plugins,
     get_method,

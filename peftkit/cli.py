@@ -11,7 +11,7 @@ from peftkit.errors import PeftkitError
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from peftkit.attach import plan
+    from peftkit.lifecycle.attach import plan
     from peftkit.spec import Spec
     from peftkit.zoo import build_model
 
@@ -48,8 +48,8 @@ def _methods(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from peftkit.train_config import TrainConfig
-    from peftkit.training import train
+    from peftkit.training.config import TrainConfig
+    from peftkit.training.loop import train
 
     config = TrainConfig.from_file(args.config)
     result = train(config, Path(args.config).resolve().parent, progress=not args.no_progress)
@@ -59,8 +59,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _from_peft(args: argparse.Namespace) -> int:
+    from peftkit.interop.peft import from_peft
     from peftkit.io import save
-    from peftkit.peft_format import from_peft
     from peftkit.zoo import load_model
 
     model = from_peft(load_model(args.model, pretrained=args.pretrained), args.source, adapter_name=args.adapter)
@@ -70,8 +70,8 @@ def _from_peft(args: argparse.Namespace) -> int:
 
 
 def _to_peft(args: argparse.Namespace) -> int:
+    from peftkit.interop.peft import to_peft
     from peftkit.io import load
-    from peftkit.peft_format import to_peft
     from peftkit.zoo import load_model
 
     model = load(load_model(args.model, pretrained=args.pretrained), args.source)

@@ -24,10 +24,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from peftkit.atomic import write_file_atomically
-from peftkit.attach import attach, detach, get_state, plan, plan_trainable_paths, require_state
 from peftkit.errors import AttachError, CheckpointError, PeftkitError
+from peftkit.keys import ADAPTER_CONTAINER
+from peftkit.lifecycle.attach import attach, detach, get_state, plan, plan_trainable_paths, require_state
 from peftkit.spec import Spec
-from peftkit.targeting import ADAPTER_CONTAINER
 
 WEIGHTS_FILE = "adapter.safetensors"
 SPEC_FILE = "spec.json"

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from peftkit.layers import parse_layers
+from peftkit.patterns import check_patterns
 
 SiteKind = Literal["weight", "output", "parallel", "attention", "input"]
 ALL_RULES = frozenset({"sum", "stack", "gate", "average"})  # see peftkit.compose
@@ -39,8 +40,6 @@ class MethodConfig(BaseModel):
     @field_validator("target")
     @classmethod
     def _targets_are_patterns(cls, value: str | list[str]) -> str | list[str]:
-        from peftkit.targeting import check_patterns
-
         patterns = [value] if isinstance(value, str) else value
         if not patterns:
             raise ValueError("target must name at least one pattern")
@@ -116,7 +115,7 @@ class Method(ABC):
     config: ClassVar[type[MethodConfig]]
     capabilities: ClassVar[Capabilities]
     # The ``peft_type`` of HF PEFT's adapter_config.json this method reads and writes (``from_peft``/``to_peft``
-    # class methods, see peftkit.peft_format); None: no PEFT interoperability.
+    # class methods, see peftkit.interop.peft); None: no PEFT interoperability.
     peft_type: ClassVar[str | None] = None
 
     @classmethod

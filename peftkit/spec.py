@@ -30,6 +30,7 @@ from torch import nn
 from peftkit.compose import Composition
 from peftkit.errors import PeftkitError, SpecError
 from peftkit.method import MethodConfig
+from peftkit.patterns import check_patterns
 from peftkit.registry import get_method
 from peftkit.untrusted import parse_json, parse_yaml
 
@@ -138,8 +139,6 @@ class Spec(BaseModel):
     @field_validator("trainable")
     @classmethod
     def _trainable_patterns_compile(cls, value: list[str]) -> list[str]:
-        from peftkit.targeting import check_patterns
-
         return check_patterns(value)
 
     # -- loading: every path ends in SpecError, never a pydantic or YAML exception -------------------------------

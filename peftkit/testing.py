@@ -16,11 +16,14 @@ selectors are generated; a method's own config fields come from a strategy its a
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,13 +32,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 import peftkit
-from peftkit.attach import get_state
 from peftkit.errors import TargetingError
-from peftkit.placements import PLACEMENT_NAMES, places_of
+from peftkit.keys import ADAPTER_CONTAINER
+from peftkit.lifecycle.attach import get_state
+from peftkit.patterns import compile_pattern
 from peftkit.registry import get_method
-from peftkit.sites import Conv1D, make_site
-from peftkit.sublayer_sites import SiteContext
-from peftkit.targeting import ADAPTER_CONTAINER, base_modules, compile_pattern, layer_indices
+from peftkit.sites.kinds import SiteContext, make_site
+from peftkit.sites.placements import PLACEMENT_NAMES, places_of
+from peftkit.sites.weight import Conv1D
+from peftkit.targeting import base_modules, layer_indices
 
 # Worst relative error (max |merged - unmerged| / max |unmerged|) accepted per dtype.
 MERGE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2}
@@ -376,6 +381,25 @@ def properties_for(method: str) -> list[str]:
     return [name for name in PROPERTIES if _NEEDS.get(name, lambda c: True)(capabilities)]
 
 
+@contextlib.contextmanager
+def _hypothesis_files_outside_the_working_directory() -> Iterator[None]:
+    """Hypothesis keeps caches in ``./.hypothesis`` unless told otherwise; a plugin author's folder is not ours to
+    write to, so unless they chose a place (``HYPOTHESIS_STORAGE_DIRECTORY`` or ``set_hypothesis_home_dir``) the
+    caches go under the user's cache folder for the duration of a check."""
+    from hypothesis import configuration
+
+    chosen = getattr(configuration, "__hypothesis_home_directory", None)
+    if chosen is not None or os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+        yield
+        return
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peftkit" / "hypothesis"
+    configuration.set_hypothesis_home_dir(cache)
+    try:
+        yield
+    finally:
+        configuration.set_hypothesis_home_dir(None)
+
+
 def check(
     prop: str,
     method: str,
@@ -385,7 +409,9 @@ def check(
 ) -> None:
     """Check one property of ``method`` over generated cases; raises (with a minimal failing case) on failure.
 
-    The example count follows the active hypothesis profile unless ``max_examples`` is given.
+    The example count follows the active hypothesis profile unless ``max_examples`` is given. Nothing is written
+    to the working directory: no example database (a failure prints its minimal case and a ``@reproduce_failure``
+    blob), and hypothesis's caches go to ``~/.cache/peftkit/hypothesis`` unless you chose a place for them.
     """
     if prop not in PROPERTIES:
         raise KeyError(f"unknown property {prop!r}; properties: {', '.join(PROPERTIES)}")
@@ -393,14 +419,20 @@ def check(
         raise ValueError(f"{prop!r} does not apply to {method!r} by its declared capabilities")
     extra = {} if max_examples is None else {"max_examples": max_examples}
 
-    @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], **extra)
+    @settings(
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        database=None,
+        **extra,
+    )
     @given(case=cases(method, configs if configs is not None else st.just({})))
     def run(case: Case) -> None:
         with torch.random.fork_rng():  # adapter initialisation draws from the global generator
             torch.manual_seed(0)
             PROPERTIES[prop](copy.copy(case))
 
-    run()
+    with _hypothesis_files_outside_the_working_directory():
+        run()
 
 
 def check_method(method: str, configs: st.SearchStrategy[dict[str, Any]] | None = None, **kwargs: Any) -> None:

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import peftkit
-from peftkit.combine import combine_dare, combine_linear, combine_ties, dare_mask, trim, truncate
+from peftkit.lifecycle.combine import combine_dare, combine_linear, combine_ties, dare_mask, trim, truncate
 from peftkit.testing import randomise_adapters
 from peftkit.zoo import build_model
 

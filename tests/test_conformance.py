@@ -71,6 +71,25 @@ def test_outside_method_conforms(scale_method, prop: str) -> None:
     testing.check(prop, "scale")
 
 
+def test_the_suite_writes_nothing_into_the_working_directory(tmp_path) -> None:
+    """As a plugin author runs it: a fresh process in their own folder, with hypothesis's default settings."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "docs" / "examples"
+    script = (
+        "import peftkit; from peftkit import testing; from scale_method import Scale\n"
+        "with peftkit.registered(Scale):\n"
+        "    testing.check('identity_at_init', 'scale', max_examples=3)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYPOTHESIS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(examples), env.get("PYTHONPATH", "")])
+    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, check=True, capture_output=True)
+    assert list(tmp_path.iterdir()) == []  # no .hypothesis/ example database
+
+
 def test_properties_follow_capabilities() -> None:
     class NotMergeable(Scale):
         name = "scale-unmergeable"

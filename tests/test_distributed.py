@@ -25,9 +25,9 @@ import yaml
 from safetensors.torch import load_file
 
 import peftkit
-from peftkit.train_config import TrainConfig
-from peftkit.training import train
-from peftkit.tree_file import read_tree
+from peftkit.training.config import TrainConfig
+from peftkit.training.loop import train
+from peftkit.training.state_file import read_tree
 from peftkit.zoo import load_model
 
 pytestmark = pytest.mark.skipif(

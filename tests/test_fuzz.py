@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import peftkit
-from peftkit.attach import get_state
 from peftkit.cli import main
+from peftkit.lifecycle.attach import get_state
 from peftkit.zoo import build_model
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "dev")

@@ -12,10 +12,10 @@ from torch import nn
 import peftkit
 import peftkit.testing
 from peftkit import SpecError, compose
-from peftkit.attach import get_state
+from peftkit.lifecycle.attach import get_state
 from peftkit.zoo import build_model
 
-attach_module = importlib.import_module("peftkit.attach")  # `peftkit.attach` is the function
+attach_module = importlib.import_module("peftkit.lifecycle.attach")  # `peftkit.attach` is the function
 IDS = torch.tensor([[3, 14, 15, 92, 65]])
 
 
@@ -386,8 +386,8 @@ def test_prompt_init_tokens_outside_the_vocabulary_are_refused(token: int) -> No
 
 def test_bad_training_configs_and_data_are_peftkit_errors(tmp_path) -> None:
     from peftkit.cli import main
-    from peftkit.train_config import TrainConfig
-    from peftkit.training import _read_texts
+    from peftkit.training.config import TrainConfig
+    from peftkit.training.loop import _read_texts
 
     (tmp_path / "latin1.yaml").write_bytes(b"steps: 2\nname: caf\xe9\n")
     with pytest.raises(SpecError, match="is not UTF-8 text"):

@@ -14,8 +14,8 @@ import torch
 import yaml
 
 import peftkit
-from peftkit.attach import get_state
 from peftkit.cli import main
+from peftkit.lifecycle.attach import get_state
 from peftkit.zoo import build_model
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import peftkit
-from peftkit.attach import get_state
+from peftkit.lifecycle.attach import get_state
 from peftkit.testing import randomise_adapters
 from peftkit.zoo import build_model
 

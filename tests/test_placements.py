@@ -15,8 +15,8 @@ import transformers
 from transformers import AutoConfig, AutoModel
 
 import peftkit
-from peftkit.placements import PLACEMENT_NAMES, places_of
-from peftkit.targeting import compile_pattern
+from peftkit.patterns import compile_pattern
+from peftkit.sites.placements import PLACEMENT_NAMES, places_of
 
 transformers.logging.set_verbosity_error()
 

@@ -11,7 +11,7 @@ from transformers import GemmaConfig, GemmaForCausalLM
 
 import peftkit
 from peftkit import AttachError, TargetingError
-from peftkit.attach import get_state
+from peftkit.lifecycle.attach import get_state
 from peftkit.testing import randomise_adapters
 from peftkit.zoo import build_model
 
@@ -161,7 +161,7 @@ def test_a_linear_subclass_that_computes_the_same_map_is_followed() -> None:
 
 def test_a_registered_weight_site_vouches_for_its_type() -> None:
     """On the meta device the probe cannot run, so a subclass is refused until a registration vouches for it."""
-    from peftkit import sites
+    from peftkit.sites import weight as sites
 
     model = nn.Sequential(WrittenOut(4, 3)).to("meta")
     with pytest.raises(TargetingError, match=r"WrittenOut overrides Linear\.forward"):

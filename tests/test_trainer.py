@@ -67,7 +67,7 @@ def _adapters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _train(output: Path, resume: str | None = None, seed: int = 0) -> torch.nn.Module:
-    from peftkit.trainer import AdapterTrainer
+    from peftkit.training.trainer import AdapterTrainer
 
     model = _model(seed)
     AdapterTrainer(model=model, args=_args(output), train_dataset=_Tokens()).train(resume_from_checkpoint=resume)
@@ -90,7 +90,7 @@ def test_training_changes_the_adapters_and_not_the_base(tmp_path):
     model = _model()
     base_before = {k: v.clone() for k, v in model.state_dict().items() if "peftkit_adapters" not in k}
     adapters_before = _adapters(model)
-    from peftkit.trainer import AdapterTrainer
+    from peftkit.training.trainer import AdapterTrainer
 
     AdapterTrainer(model=model, args=_args(tmp_path, save_steps=10), train_dataset=_Tokens()).train()
     after = model.state_dict()
@@ -109,7 +109,7 @@ def test_resume_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(tmp_path
 
 
 def test_resume_restores_the_saved_weights_before_continuing(tmp_path):
-    from peftkit.trainer import restore_adapter_weights
+    from peftkit.training.trainer import restore_adapter_weights
 
     _train(tmp_path)
     model = _model(seed=1)
@@ -119,7 +119,7 @@ def test_resume_restores_the_saved_weights_before_continuing(tmp_path):
 
 
 def test_resume_with_another_spec_is_refused(tmp_path):
-    from peftkit.trainer import restore_adapter_weights
+    from peftkit.training.trainer import restore_adapter_weights
 
     _train(tmp_path)
     other = peftkit.attach(
@@ -130,7 +130,7 @@ def test_resume_with_another_spec_is_refused(tmp_path):
 
 
 def test_a_plain_trainer_with_the_callback_also_writes_the_adapter_files(tmp_path):
-    from peftkit.trainer import AdapterCheckpointCallback
+    from peftkit.training.trainer import AdapterCheckpointCallback
 
     model = _model()
     trainer = transformers.Trainer(

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 
 import peftkit
 import peftkit.zoo
-from peftkit import checkpointing
-from peftkit.train_config import TrainConfig
-from peftkit.training import train
+from peftkit.training import checkpoints as checkpointing
+from peftkit.training.config import TrainConfig
+from peftkit.training.loop import train
 
 WORDS = ["the", "movie", "was", "great", "bad", "boring", "fun", "long", "short", "plot", "actor", "scene"]
 
@@ -175,7 +175,7 @@ def _set(key, value):
     ids=["negative", "beyond", "text", "missing", "optimizer", "scheduler", "rng", "bad-rng", "pickle"],
 )
 def test_a_malformed_training_state_is_refused_before_training(tmp_path, damage, message):
-    from peftkit.tree_file import read_tree, write_tree
+    from peftkit.training.state_file import read_tree, write_tree
 
     config = write_config(tmp_path, steps=8)
     run(config)

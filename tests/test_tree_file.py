@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from peftkit.errors import CheckpointError
-from peftkit.tree_file import TREE_METADATA, read_tree, write_tree
+from peftkit.training.state_file import TREE_METADATA, read_tree, write_tree
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.int64, torch.uint8, torch.bool]
 tensors = st.builds(

@@ -7,7 +7,7 @@ with the optimiser, scheduler and RNG states in each checkpoint, a resumed run c
 uninterrupted run would have.
 
 Under ``torchrun`` or ``accelerate launch`` the same function runs on every process, each on its share of the
-global batch (:mod:`peftkit.distributed` holds the collective parts).
+global batch (:mod:`peftkit.training.distributed` holds the collective parts).
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit import checkpointing, distributed
-from peftkit.attach import attach
-from peftkit.distributed import Runtime
+import peftkit.training.checkpoints as checkpoints
+import peftkit.training.distributed as distributed
 from peftkit.errors import CheckpointError, PeftkitError
 from peftkit.io import SPEC_FILE, _saved_parameters, restore_adapter_weights, save
-from peftkit.precision import merge_error
-from peftkit.train_config import TrainConfig
+from peftkit.lifecycle.attach import attach
+from peftkit.lifecycle.precision import merge_error
+from peftkit.training.config import TrainConfig
+from peftkit.training.distributed import Runtime
 from peftkit.untrusted import parse_json
 
 IGNORE_INDEX = -100
@@ -160,11 +161,11 @@ class TrainResult:
 def _resume_checkpoint(output: Path, model: nn.Module, steps: int) -> tuple[dict[str, Any] | None, Path | None]:
     """The newest checkpoint's state, with its adapter weights already in ``model`` (before any sharding, so FSDP2
     shards the resumed values); anything damaged or written for another spec stops the run before it trains."""
-    folder = checkpointing.latest(output)
+    folder = checkpoints.latest(output)
     if folder is None:
         return None, None
     try:
-        state = checkpointing.read_state(folder, steps)
+        state = checkpoints.read_state(folder, steps)
         restore_adapter_weights(model, folder)
     except Exception as error:  # any damage: say which file and stop before training over it
         raise CheckpointError(
@@ -343,7 +344,7 @@ def _checkpoint(
         "rng": distributed.gather_objects(_rng_state(), runtime),  # one per rank, restored when N matches
     }
     distributed.on_main(
-        runtime, lambda: checkpointing.write(output, lambda folder: save(model, folder, tensors=tensors), state)
+        runtime, lambda: checkpoints.write(output, lambda folder: save(model, folder, tensors=tensors), state)
     )
     return tensors
 

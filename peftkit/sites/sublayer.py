@@ -10,33 +10,17 @@ sub-layer's entry (``placements.SUBLAYER_INPUTS``) and handed over at the output
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from peftkit.placements import Places
-
-
-@dataclass(frozen=True)
-class SiteContext:
-    """Where a host sits: its path, the model's modules by path, and where the model's named places are."""
-
-    path: str
-    modules: Mapping[str, nn.Module]
-    places: Places | None
-    root: nn.Module | None = None
-
-    @property
-    def family(self) -> str | None:
-        return self.places.family if self.places is not None else None
+from peftkit.sites.kinds import SiteContext, register_site_kind
+from peftkit.sites.weight import Conv1D
 
 
 def _projection_types() -> tuple[type[nn.Module], ...]:
-    from peftkit.sites import Conv1D
-
     return (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)
 
 
@@ -115,6 +99,8 @@ def make_sublayer_site(kind: str, module: nn.Module, context: SiteContext | None
             if source is None:
                 return f"its sub-layer input is read at {source_path!r}, which this model does not have"
             sizes = (feature_sizes(source) if not isinstance(feature_sizes(source), str) else sizes)[0], sizes[1]
-    if kind not in {"output", "parallel"}:
-        return f"site kind {kind!r} is not available in this version of peftkit"
     return SublayerSite(kind, module, sizes[0], sizes[1], source)
+
+
+register_site_kind("output", lambda module, context: make_sublayer_site("output", module, context))
+register_site_kind("parallel", lambda module, context: make_sublayer_site("parallel", module, context))

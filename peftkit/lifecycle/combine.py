@@ -30,8 +30,8 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from peftkit.attach import AttachedAdapter, attach, detach, require_state
 from peftkit.errors import AttachError, SpecError
+from peftkit.lifecycle.attach import AttachedAdapter, attach, detach, require_state
 from peftkit.method import Adapter, MethodConfig
 from peftkit.spec import adapter_name_problem
 

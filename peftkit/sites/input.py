@@ -18,6 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.keys import ADAPTER_CONTAINER
+from peftkit.sites.kinds import register_site_kind
+
 IGNORE_INDEX = -100
 
 
@@ -97,7 +100,7 @@ class InputSite:
         ]
 
     def _active(self, adapter: Any) -> bool:
-        container = self.module._modules.get("peftkit_adapters")
+        container = self.module._modules.get(ADAPTER_CONTAINER)
         state = container.__dict__.get("_peftkit_state") if container is not None else None
         return state is not None and any(a is adapter and n in state.active for n, a in container.items())
 
@@ -189,3 +192,6 @@ def make_input_site(module: nn.Module, root: nn.Module | None) -> InputSite | st
     if getattr(getattr(root, "config", None), "is_encoder_decoder", False):
         return _encoder_decoder_site(module, root)
     return InputSite(module, root)
+
+
+register_site_kind("input", lambda module, context: make_input_site(module, getattr(context, "root", None)))

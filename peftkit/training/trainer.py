@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from peftkit.attach import get_state
 from peftkit.io import SPEC_FILE, restore_adapter_weights, save
+from peftkit.lifecycle.attach import get_state
 
 __all__ = ["AdapterCheckpointCallback", "AdapterTrainer", "restore_adapter_weights"]
 

@@ -21,12 +21,15 @@ from torch.utils.hooks import RemovableHandle
 
 from peftkit.compose import Gates, check_rules, compose_output, gate_name
 from peftkit.errors import AttachError
+from peftkit.keys import ADAPTER_CONTAINER
+from peftkit.lifecycle.activation import routed_input, routed_output
+from peftkit.lifecycle.state import STATE_ATTRIBUTE, AttachedAdapter, ModelState, get_state, require_state
 from peftkit.method import Adapter, Method
-from peftkit.placements import places_of
+from peftkit.patterns import compile_pattern
+from peftkit.sites.placements import places_of
+from peftkit.sites.sublayer import first_input
 from peftkit.spec import Spec
-from peftkit.state import STATE_ATTRIBUTE, AttachedAdapter, ModelState, get_state, require_state
-from peftkit.sublayer_sites import first_input
-from peftkit.targeting import ADAPTER_CONTAINER, Plan, base_modules, compile_pattern, resolve
+from peftkit.targeting import Plan, base_modules, resolve
 
 
 # Hooks are partials of module-level functions, never closures: copy.deepcopy(model) deep-copies a partial's
@@ -43,8 +46,6 @@ def _run_adapters(state: ModelState, module: nn.Module, args: tuple[Any, ...], k
     x = first_input(args, kwargs)
     hidden = out if isinstance(out, torch.Tensor) else out[0]  # sub-layers may return (hidden, weights, ...)
     if state.routing is not None:
-        from peftkit.activation import routed_output
-
         hidden = routed_output(container, state.routing, x, hidden)
     elif state.spec.compose:
         hidden = compose_output(container, state.spec.compose, state.active, x, hidden)
@@ -66,8 +67,6 @@ def _transform_input(
     if (name not in state.active and state.routing is None) or adapter.merged:
         return None
     if state.routing is not None:
-        from peftkit.activation import routed_input
-
         change = functools.partial(routed_input, adapter, name, state.routing)
     else:
         change = adapter.transform_input

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from peftkit.errors import AttachError
+from peftkit.keys import ADAPTER_CONTAINER
+from peftkit.sites.kinds import register_site_kind
 
 WRAPPER_PREFIX = "peftkit_"
 SUPPORTED = ("sdpa", "eager")
@@ -42,7 +44,7 @@ def _base_function(module: nn.Module, implementation: str) -> Callable[..., Any]
 
 
 def _attention_adapters(module: nn.Module) -> list[Any]:
-    container = module._modules.get("peftkit_adapters")  # targeting.ADAPTER_CONTAINER, named here to import nothing
+    container = module._modules.get(ADAPTER_CONTAINER)
     if container is None:
         return []
     state = container.__dict__.get("_peftkit_state")
@@ -297,7 +299,7 @@ class AttentionSite:
 
 
 @functools.cache
-def _dispatches_through_registry(module_type: type[nn.Module]) -> bool:
+def dispatches_through_registry(module_type: type[nn.Module]) -> bool:
     """Whether the class's forward looks its attention function up in the registry (read once per class)."""
     try:
         return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(module_type.forward)
@@ -310,7 +312,7 @@ def make_attention_site(module: nn.Module) -> AttentionSite | str:
     name = type(module).__name__
     if config is None or not hasattr(config, "_attn_implementation"):
         return f"{name} is not a transformers attention module (it has no transformers config)"
-    if not _dispatches_through_registry(type(module)):
+    if not dispatches_through_registry(type(module)):
         return f"{name} does not compute attention through transformers' attention-function registry"
     implementation = config._attn_implementation or "eager"
     base = implementation.removeprefix(WRAPPER_PREFIX)
@@ -322,3 +324,6 @@ def make_attention_site(module: nn.Module) -> AttentionSite | str:
     if isinstance(layout, str):
         return f"{name} {layout}; target another attention module"
     return AttentionSite(module, config, layout)
+
+
+register_site_kind("attention", lambda module, context: make_attention_site(module))

@@ -3,7 +3,7 @@
 Methods name places, not module paths: ``@attention_output`` is "the attention output projection" in every family.
 A spec target of the form ``@name`` expands, for the model at hand, to a pattern in peftkit's pattern language that
 selects exactly the modules found for that place. They are found from the model's structure
-(``peftkit.structure``: its block lists, the modules that compute attention, the projections' widths against the
+(``peftkit.sites.structure``: its block lists, the modules that compute attention, the projections' widths against the
 hidden size), so any transformers model that has the sub-layer has the place; ``EXCEPTIONS`` (keyed by
 ``config.model_type``) holds what structure cannot tell. A place the model lacks is refused with the reason, and
 explicit module paths always work. ``peftkit.plan(model, spec)`` shows what a place selects.
@@ -30,7 +30,7 @@ import re
 from torch import nn
 
 from peftkit.errors import TargetingError
-from peftkit.structure import Layout, read_layout
+from peftkit.sites.structure import Layout, read_layout
 
 PLACEMENT_NAMES = (
     "input_embeddings",

@@ -31,12 +31,14 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from peftkit.keys import ADAPTER_CONTAINER
+from peftkit.sites.attention import dispatches_through_registry
+
 try:  # GPT-2 and a few other transformers models use a transposed linear layer
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = None  # type: ignore[assignment,misc]
 
-ADAPTER_CONTAINER = "peftkit_adapters"  # targeting.ADAPTER_CONTAINER, named here to import nothing
 _ATTENTION_CLASS = re.compile(r"attention|attn", re.IGNORECASE)
 _RESIDUAL_ARGUMENTS = {"residual", "input_tensor"}
 # Name tokens that say nothing about a projection's role (``q_proj``, ``q_lin``, ``query_proj``).
@@ -143,10 +145,8 @@ class _Reader:
     # -- attention modules and blocks -------------------------------------------------------------------------------
 
     def attention_modules(self) -> list[str]:
-        from peftkit.attention_sites import _dispatches_through_registry
-
         def computes_attention(path: str, module: nn.Module) -> bool:
-            if _dispatches_through_registry(type(module)):
+            if dispatches_through_registry(type(module)):
                 return True
             direct = [c for _, c in self.children(path) if projection_sizes(c) is not None]
             return bool(_ATTENTION_CLASS.search(type(module).__name__)) and len(direct) >= 1

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftkit.attach import require_state
 from peftkit.errors import AttachError
+from peftkit.lifecycle.state import require_state
 from peftkit.method import Adapter
 
 

@@ -3,7 +3,7 @@
 A checkpoint is a folder: ``adapter.safetensors`` + ``spec.json`` (as :func:`peftkit.save` writes them) and
 ``state.safetensors`` (step, scheduler, the optimiser state keyed by parameter name so that any number of processes
 can resume it, and one set of RNG states per process: tensors in safetensors, the numbers around them as JSON in
-its metadata, so nothing is unpickled; see :mod:`peftkit.tree_file`). It is written as ``checkpoint.new/`` with every file
+its metadata, so nothing is unpickled; see :mod:`peftkit.training.state_file`). It is written as ``checkpoint.new/`` with every file
 fsynced and a ``COMPLETE`` marker last, then swapped in by two renames (``checkpoint`` -> ``checkpoint.old``,
 ``checkpoint.new`` -> ``checkpoint``). Whatever instant a crash hits, one complete checkpoint remains:
 :func:`latest` finds it.
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import CheckpointError
-from peftkit.tree_file import read_tree, write_tree
+from peftkit.training.state_file import read_tree, write_tree
 
 MARKER = "COMPLETE"
 STATE_FILE = "state.safetensors"

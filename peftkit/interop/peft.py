@@ -25,13 +25,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from peftkit.atomic import write_files_together
-from peftkit.attach import AttachedAdapter, attach, detach, get_state, require_state
 from peftkit.errors import CheckpointError, PeftkitError
 from peftkit.io import _saved_parameters, check_fits, fill, read_small_file
+from peftkit.keys import ADAPTER_CONTAINER
+from peftkit.lifecycle.attach import AttachedAdapter, attach, detach, get_state, require_state
 from peftkit.method import Method
 from peftkit.registry import get_method, known_methods
 from peftkit.spec import Spec
-from peftkit.targeting import ADAPTER_CONTAINER
 from peftkit.untrusted import parse_json
 
 CONFIG_FILE = "adapter_config.json"
@@ -126,7 +126,7 @@ def read_peft_config(directory: str | Path) -> dict[str, Any]:
 def method_for_peft_type(peft_type: Any) -> type[Method]:
     """The registered method whose class declares this ``peft_type``."""
     if not isinstance(peft_type, str):
-        raise CheckpointError(f"{CONFIG_FILE}: peft_type must be a string such as 'LORA', got {peft_type!r}")
+        raise CheckpointError(f"{CONFIG_FILE}: peft_type must be a string (the PEFT method's name), got {peft_type!r}")
     supported = {}
     for name in known_methods():
         method = get_method(name)

@@ -12,11 +12,12 @@ host type, and nowhere else.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from peftkit.sites.kinds import SiteContext, register_site_kind
 
 try:  # GPT-2 and a few other transformers models use a transposed linear layer
     from transformers.pytorch_utils import Conv1D
@@ -296,25 +297,13 @@ def _computes_a_linear_map(module: nn.Module) -> bool:
     return True
 
 
-def make_site(kind: str, module: nn.Module, context: Any = None) -> Any:
-    """The site of ``kind`` on ``module``, or a sentence saying why the module cannot host one.
-
-    ``context`` (a ``sublayer_sites.SiteContext``) says where the module sits, for sites that need to know.
-    """
-    if kind == "attention":
-        from peftkit.attention_sites import make_attention_site
-
-        return make_attention_site(module)
-    if kind == "input":
-        from peftkit.input_sites import make_input_site
-
-        return make_input_site(module, getattr(context, "root", None))
-    if kind != "weight":
-        from peftkit.sublayer_sites import make_sublayer_site
-
-        return make_sublayer_site(kind, module, context)
+def make_weight_site(module: nn.Module, context: SiteContext | None = None) -> WeightSite | str:
+    """The weight site of the first registered type ``module`` is an instance of, or why it has none."""
     for module_type, factory in _WEIGHT_SITE_TYPES:
         if isinstance(module, module_type):
             return _unfollowable(module, module_type) or factory(module)
     names = ", ".join(t.__name__ for t in weight_site_types())
     return f"{type(module).__name__} is not a linear-like module (weight sites are {names})"
+
+
+register_site_kind("weight", make_weight_site)

@@ -1,0 +1,9 @@
+"""The names peftkit gives to what it adds to a model, in one leaf module that every layer may import.
+
+Each adapted module holds its adapters in a ``ModuleDict`` attribute of this name, so their state-dict keys read
+``<module path>.peftkit_adapters.<adapter name>.<parameter>`` and the host's own keys never change.
+"""
+
+from __future__ import annotations
+
+ADAPTER_CONTAINER = "peftkit_adapters"

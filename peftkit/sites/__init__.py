@@ -1,0 +1,50 @@
+"""Sites: the places on a model where an adapter acts, one module per kind, and what each host offers an adapter.
+
+- :mod:`~peftkit.sites.kinds` — the table of site kinds and :func:`make_site` (each kind registers itself there).
+- :mod:`~peftkit.sites.weight` — linear-like hosts (nn.Linear, Conv1D, nn.Embedding, nn.Conv2d, registered types).
+- :mod:`~peftkit.sites.sublayer` — output and parallel sites around a sub-layer.
+- :mod:`~peftkit.sites.attention` — extra keys and values through transformers' attention-function registry.
+- :mod:`~peftkit.sites.input` — virtual tokens before the input embeddings.
+- :mod:`~peftkit.sites.structure` and :mod:`~peftkit.sites.placements` — where a model's attention, feed-forward
+  and sub-layers are, found from its structure (the ``@place`` targets).
+
+Importing this package registers every built-in kind. The names below are the plugin author's API.
+"""
+
+from peftkit.sites.attention import AttentionSite, check_extra_keys, prepend_keys
+from peftkit.sites.input import InputSite
+from peftkit.sites.kinds import SiteContext, make_site, register_site_kind, site_kinds
+from peftkit.sites.placements import Places, places_of
+from peftkit.sites.sublayer import SublayerSite
+from peftkit.sites.weight import (
+    Conv1D,
+    Conv1DSite,
+    Conv2dSite,
+    EmbeddingSite,
+    LinearSite,
+    WeightSite,
+    register_weight_site,
+    weight_site_types,
+)
+
+__all__ = [
+    "AttentionSite",
+    "Conv1D",
+    "Conv1DSite",
+    "Conv2dSite",
+    "EmbeddingSite",
+    "InputSite",
+    "LinearSite",
+    "Places",
+    "SiteContext",
+    "SublayerSite",
+    "WeightSite",
+    "check_extra_keys",
+    "make_site",
+    "places_of",
+    "prepend_keys",
+    "register_site_kind",
+    "register_weight_site",
+    "site_kinds",
+    "weight_site_types",
+]

@@ -1,0 +1,52 @@
+"""The table of site kinds: each kind of place an adapter can act at, and the function that builds such a site.
+
+A method's capabilities name its kind (``weight``, ``output``, ``parallel``, ``attention``, ``input``); targeting
+asks :func:`make_site` for a site of that kind on each candidate host and gets a site or a sentence saying why the
+host cannot have one. Each kind's module registers itself here, so a new kind is one module and one
+:func:`register_site_kind` call, and nothing here imports a kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from peftkit.sites.placements import Places
+
+SiteFactory = Callable[[nn.Module, "SiteContext | None"], Any]  # returns a site, or a str saying why not
+_KINDS: dict[str, SiteFactory] = {}
+
+
+@dataclass(frozen=True)
+class SiteContext:
+    """Where a host sits: its path, the model's modules by path, and where the model's named places are."""
+
+    path: str
+    modules: Mapping[str, nn.Module]
+    places: Places | None
+    root: nn.Module | None = None
+
+    @property
+    def family(self) -> str | None:
+        return self.places.family if self.places is not None else None
+
+
+def register_site_kind(kind: str, factory: SiteFactory) -> None:
+    """Make ``kind`` available to methods; ``factory(module, context)`` returns a site or a reason it cannot."""
+    _KINDS[kind] = factory
+
+
+def site_kinds() -> list[str]:
+    return sorted(_KINDS)
+
+
+def make_site(kind: str, module: nn.Module, context: SiteContext | None = None) -> Any:
+    """The site of ``kind`` on ``module``, or a sentence saying why the module cannot host one."""
+    factory = _KINDS.get(kind)
+    if factory is None:
+        return f"site kind {kind!r} is not available in this version of peftkit; kinds: {', '.join(site_kinds())}"
+    return factory(module, context)
