@@ -43,7 +43,10 @@ from peftkit.sites.weight import Conv1D
 from peftkit.targeting import base_modules, layer_indices
 
 # Worst relative error (max |merged - unmerged| / max |unmerged|) accepted per dtype.
-MERGE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2}
+# bfloat16 keeps 8 bits: a merged weight W + dW is rounded once more than the unmerged product, and the suite's random
+# updates are up to ~100x the base weights, whose rounding whole layers and a softmax then amplify (6.7% was seen on
+# GPT-2 with r=1, alpha=26.5); float32 and float64 show the merge itself is exact up to their own rounding.
+MERGE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-1}
 
 
 @dataclass

@@ -13,6 +13,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The project's own runs keep hypothesis's caches in the checkout (peftkit.testing.check would otherwise put them
+# under ~/.cache for a plugin author), so that a run's generated cases do not depend on another folder's state.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(Path(__file__).resolve().parent.parent / ".hypothesis"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 _common = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
