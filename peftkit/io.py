@@ -28,6 +28,7 @@ from peftkit.errors import AttachError, CheckpointError, PeftkitError
 from peftkit.keys import ADAPTER_CONTAINER
 from peftkit.lifecycle.attach import attach, detach, get_state, plan, plan_trainable_paths, require_state
 from peftkit.spec import Spec
+from peftkit.untrusted import parse_json
 
 WEIGHTS_FILE = "adapter.safetensors"
 SPEC_FILE = "spec.json"
@@ -98,6 +99,16 @@ def read_small_file(path: Path, max_bytes: int, holds: str) -> bytes:
     if path.stat().st_size > max_bytes:
         raise CheckpointError(f"{str(path)!r} is over {max_bytes} bytes; refusing to parse it")
     return path.read_bytes()
+
+
+def read_json_object(
+    path: Path, max_bytes: int, holds: str, error: type[PeftkitError] = CheckpointError
+) -> dict[str, Any]:
+    """A small untrusted JSON file that must hold one object (a config): bounded size and depth, finite numbers."""
+    value = parse_json(read_small_file(path, max_bytes, holds), error, repr(str(path)))
+    if not isinstance(value, dict):
+        raise error(f"{str(path)!r} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def read_spec(directory: str | Path) -> Spec:

@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.io import read_small_file
-from peftkit.untrusted import parse_json
+from peftkit.io import read_json_object
 
 
 def _gpt2(**overrides):
@@ -129,12 +128,9 @@ WEIGHT_FILES = (
 
 def _read_config(config_file: Path) -> dict:
     """A transformers config.json, read as untrusted input: bounded size and depth, a JSON object with a model_type."""
-    text = read_small_file(config_file, MAX_CONFIG_BYTES, "a model folder holds config.json")
-    fields = parse_json(text, PeftkitError, repr(str(config_file)))
-    if not isinstance(fields, dict) or not isinstance(fields.get("model_type"), str):
-        raise PeftkitError(
-            f"{str(config_file)!r} must be a JSON object with a 'model_type' string (a transformers config)"
-        )
+    fields = read_json_object(config_file, MAX_CONFIG_BYTES, "a model folder holds config.json", PeftkitError)
+    if not isinstance(fields.get("model_type"), str):
+        raise PeftkitError(f"{str(config_file)!r} needs a 'model_type' string (it is not a transformers config)")
     return fields
 
 

@@ -21,11 +21,11 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
+from snapshots import assert_same, snapshot
 from torch import nn
 
 import peftkit
 from peftkit.cli import main
-from peftkit.lifecycle.attach import get_state
 from peftkit.zoo import build_model
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "dev")
@@ -99,19 +99,23 @@ def base() -> nn.Module:
     return build_model("llama-tiny").eval()
 
 
-def snapshot(model: nn.Module) -> tuple:
-    return (
-        {k: v.clone() for k, v in model.state_dict().items()},
-        {n: p.requires_grad for n, p in model.named_parameters()},
-        {n: (len(m._forward_hooks), len(m._forward_pre_hooks), sorted(m._modules)) for n, m in model.named_modules()},
-        get_state(model),
-    )
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    assert_same(before, snapshot(model))
 
 
-def assert_unchanged(model: nn.Module, before: tuple) -> None:
-    values, flags, modules, state = snapshot(model)
-    assert values.keys() == before[0].keys() and all(torch.equal(before[0][k], v) for k, v in values.items())
-    assert (flags, modules, state) == before[1:]
+def loads_or_is_refused_cleanly(model: nn.Module, load) -> None:
+    """``load(model)`` either attaches (and detaching restores the model) or raises a peftkit error and changes
+    nothing."""
+    before = snapshot(model)
+    try:
+        load(model)
+    except peftkit.PeftkitError as error:
+        event(f"refused: {type(error).__name__}")
+        assert_unchanged(model, before)
+        return
+    event("loaded")
+    peftkit.detach(model)
+    assert_unchanged(model, before)
 
 
 @fuzz
@@ -190,18 +194,10 @@ def test_any_damaged_checkpoint_loads_or_is_refused_and_the_model_stays_as_it_wa
     base, checkpoint, damages, spec_text, seed
 ) -> None:
     folder = damaged_copy(checkpoint, damages, spec_text, seed)
-    before = snapshot(base)
     try:
-        peftkit.load(base, folder)
-    except peftkit.PeftkitError as error:
-        event(f"refused: {type(error).__name__}")
-        assert_unchanged(base, before)
-        return
+        loads_or_is_refused_cleanly(base, lambda model: peftkit.load(model, folder))
     finally:
         shutil.rmtree(folder)
-    event("loaded")
-    peftkit.detach(base)
-    assert_unchanged(base, before)
 
 
 @pytest.fixture(scope="module")
@@ -235,16 +231,7 @@ def test_any_peft_config_loads_or_is_refused_and_the_model_stays_as_it_was(base,
         shutil.copy(peft_folder / "adapter_model.safetensors", folder)
         config = json.loads((peft_folder / "adapter_config.json").read_text())
         (folder / "adapter_config.json").write_text(json.dumps({**config, **fields}))
-        before = snapshot(base)
-        try:
-            peftkit.from_peft(base, folder)
-        except peftkit.PeftkitError as error:
-            event(f"refused: {type(error).__name__}")
-            assert_unchanged(base, before)
-            return
-        event("loaded")
-        peftkit.detach(base)
-        assert_unchanged(base, before)
+        loads_or_is_refused_cleanly(base, lambda model: peftkit.from_peft(model, folder))
     finally:
         shutil.rmtree(folder)
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from snapshots import assert_same, snapshot
 from torch import nn
 
 import peftkit
@@ -30,26 +31,6 @@ def test_a_name_is_one_name_not_its_letters() -> None:
     peftkit.attach(model, {"adapters": {"ab": [{"method": "lora", "target": "q_proj"}]}})
     peftkit.detach(model, "ab")
     assert get_state(model) is None
-
-
-def snapshot(model: nn.Module) -> dict:
-    state = get_state(model)
-    return {
-        "values": {k: v.clone() for k, v in model.state_dict().items()},
-        "flags": {n: p.requires_grad for n, p in model.named_parameters()},
-        "hooks": {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()},
-        "children": {n: sorted(m._modules) for n, m in model.named_modules()},
-        "state": None
-        if state is None
-        else (sorted(state.active), sorted(state.spec.adapters), len(state.attached), len(state.hooks)),
-    }
-
-
-def assert_same(before: dict, after: dict) -> None:
-    assert after["values"].keys() == before["values"].keys()
-    assert all(torch.equal(before["values"][k], v) for k, v in after["values"].items())
-    for key in ("flags", "hooks", "children", "state"):
-        assert after[key] == before[key], key
 
 
 SECOND = {

@@ -26,13 +26,12 @@ from torch import nn
 
 from peftkit.atomic import write_files_together
 from peftkit.errors import CheckpointError, PeftkitError
-from peftkit.io import _saved_parameters, check_fits, fill, read_small_file
+from peftkit.io import _saved_parameters, check_fits, fill, read_json_object
 from peftkit.keys import ADAPTER_CONTAINER
 from peftkit.lifecycle.attach import AttachedAdapter, attach, detach, get_state, require_state
 from peftkit.method import Method
 from peftkit.registry import get_method, known_methods
 from peftkit.spec import Spec
-from peftkit.untrusted import parse_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -115,12 +114,8 @@ def module_path(model: nn.Module, module: nn.Module) -> str:
 
 # -- the core ---------------------------------------------------------------------------------------------------------
 def read_peft_config(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / CONFIG_FILE
-    text = read_small_file(path, MAX_CONFIG_BYTES, f"a PEFT checkpoint folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
-    config = parse_json(text, CheckpointError, repr(str(path)))
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{str(path)!r} must hold a JSON object, got {type(config).__name__}")
-    return config
+    holds = f"a PEFT checkpoint folder holds {CONFIG_FILE} and {WEIGHTS_FILE}"
+    return read_json_object(Path(directory) / CONFIG_FILE, MAX_CONFIG_BYTES, holds)
 
 
 def method_for_peft_type(peft_type: Any) -> type[Method]:
