@@ -24,8 +24,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from peftkit import Adapter, Capabilities, Method, MethodConfig
-from peftkit.method import ALL_RULES
+from peftkit import ALL_RULES, Adapter, Capabilities, Method, MethodConfig
 from peftkit.sites.sublayer import SublayerSite
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "swish": nn.SiLU}

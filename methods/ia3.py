@@ -20,8 +20,7 @@ from pydantic import Field, field_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit import Adapter, Capabilities, Method, MethodConfig
-from peftkit.method import ALL_RULES
+from peftkit import ALL_RULES, Adapter, Capabilities, Method, MethodConfig
 from peftkit.patterns import check_patterns, compile_pattern
 from peftkit.sites import WeightSite
 
@@ -73,28 +72,16 @@ class IA3Adapter(Adapter):
             for name in ("weight", "bias")
             if isinstance(tensor := getattr(module, name, None), torch.Tensor)
         }
-        self._rescale(self.ia3_scale.detach())
+        self.site.scale_features_(self.ia3_scale, "in" if self.transforms_input else "out")
 
     def unmerge(self) -> None:
         kept = self.__dict__.pop("_unmerged", None)
         if kept is None:  # merged by a copy of this adapter that did not keep the weights: divide instead
-            self._rescale(1.0 / self.ia3_scale.detach())
+            self.site.scale_features_(1.0 / self.ia3_scale.detach(), "in" if self.transforms_input else "out")
             return
         with torch.no_grad():
             for name, original in kept.items():
                 getattr(self.site.module, name).copy_(original)
-
-    def _rescale(self, factor: torch.Tensor) -> None:
-        factor = factor.to(torch.promote_types(factor.dtype, torch.float32))
-        weight = self.site.weight_as_matrix().to(factor.dtype)  # (out_features, in_features)
-        if self.transforms_input:
-            self.site.add_to_weight_(weight * (factor - 1.0)[None, :])
-            return
-        self.site.add_to_weight_(weight * (factor - 1.0)[:, None])
-        bias = getattr(self.site.module, "bias", None)
-        if bias is not None:
-            with torch.no_grad():
-                bias.copy_((bias.to(factor.dtype) * factor).to(bias.dtype))
 
 
 class IA3(Method):

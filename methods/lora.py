@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from peftkit import Adapter, Capabilities, Method, MethodConfig
-from peftkit.method import ALL_RULES
-from peftkit.sites import WeightSite, weight_site_types
+from peftkit import ALL_RULES, Adapter, Capabilities, Method, MethodConfig
+from peftkit.sites import WeightSite, weight_site_types, widened
 
 
 class LoRAConfig(MethodConfig):
@@ -61,8 +60,7 @@ class LoRAAdapter(Adapter):
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A as a (d_out, d_in) matrix in float32, or float64 for a float64 model."""
-        dtype = torch.promote_types(self.lora_a.dtype, torch.float32)
-        return (self.lora_b.to(dtype) @ self.lora_a.to(dtype)).mul_(self.scaling)
+        return (widened(self.lora_b) @ widened(self.lora_a)).mul_(self.scaling)
 
     def merge(self) -> None:
         self.site.add_to_weight_(self.delta_weight())

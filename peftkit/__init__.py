@@ -29,7 +29,7 @@ from peftkit.lifecycle.attach import (
 )
 from peftkit.lifecycle.combine import combine
 from peftkit.lifecycle.precision import merge_error
-from peftkit.method import Adapter, Capabilities, Method, MethodConfig
+from peftkit.method import ALL_RULES, DEFAULT_RULES, Adapter, Capabilities, Method, MethodConfig
 from peftkit.registry import (
     broken_plugins,
     get_method,
@@ -45,6 +45,8 @@ from peftkit.targeting import Plan, PlanRow
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALL_RULES",
+    "DEFAULT_RULES",
     "Adapter",
     "AttachError",
     "Capabilities",

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from peftkit.compose import Rule
 from peftkit.layers import parse_layers
 from peftkit.patterns import check_patterns
 
 SiteKind = Literal["weight", "output", "parallel", "attention", "input"]
-ALL_RULES = frozenset({"sum", "stack", "gate", "average"})  # see peftkit.compose
+# The composition rules of peftkit.compose. A method takes part in ``sum`` unless it says otherwise: every adapter
+# whose forward turns the host's output into the adapted output has a change (adapted - output) that can be added to
+# others'. ``ALL_RULES`` is for methods whose adapter is a function of the host's input and output only.
+ALL_RULES: frozenset[str] = frozenset(get_args(Rule))
+DEFAULT_RULES: frozenset[str] = frozenset({"sum"})
 
 
 class MethodConfig(BaseModel):
@@ -64,8 +69,13 @@ class Capabilities:
     ``identity_at_init``: a freshly attached adapter leaves the model's outputs unchanged.
     ``mergeable``: the adapter can be folded into the host's weights and unfolded again.
     ``input_is_index``: hosts such as nn.Embedding take integer ids, not activations.
+    ``routable``: the method class provides a batched ``route(adapters, index, x, out)`` for per-example routing.
+    ``commutes``: the adapter's change does not depend on what other adapters at the host did first.
+    ``compose_rules``: the rules of :mod:`peftkit.compose` the adapter can take part in; by default
+    ``DEFAULT_RULES`` (``{"sum"}``), ``peftkit.ALL_RULES`` for all four, ``frozenset()`` for none (an adapter that acts
+    on the input or inside attention has no output change to add up or stack).
     ``combinable``: the adapter's update is a weight delta that ``peftkit.combine`` can read and write back; the
-    method class then implements the hooks of the ``Combinable`` protocol in ``peftkit/combine.py``.
+    method class then implements the hooks of the ``Combinable`` protocol in ``peftkit/lifecycle/combine.py``.
     """
 
     site: SiteKind
@@ -74,7 +84,7 @@ class Capabilities:
     identity_at_init: bool
     routable: bool = False
     commutes: bool = True
-    compose_rules: frozenset[str] = frozenset({"sum"})
+    compose_rules: frozenset[str] = DEFAULT_RULES
     combinable: bool = False
 
 
@@ -115,7 +125,8 @@ class Method(ABC):
     config: ClassVar[type[MethodConfig]]
     capabilities: ClassVar[Capabilities]
     # The ``peft_type`` of HF PEFT's adapter_config.json this method reads and writes (``from_peft``/``to_peft``
-    # class methods, see peftkit.interop.peft); None: no PEFT interoperability.
+    # class methods, see peftkit.interop.peft); None: no PEFT interoperability. Only the class that declares it
+    # claims the format: a subclass registered under another name (a variant) does not inherit the claim.
     peft_type: ClassVar[str | None] = None
 
     @classmethod

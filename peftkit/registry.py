@@ -12,7 +12,9 @@ import difflib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import entry_points
-from typing import TypeVar
+from typing import Literal, TypeVar, get_args, get_origin
+
+from pydantic import create_model
 
 from peftkit.errors import RegistryError
 from peftkit.method import Capabilities, Method, MethodConfig
@@ -39,6 +41,31 @@ def _check_method_class(method: type[Method]) -> None:
         problems.append("a class attribute `capabilities` that is a peftkit.Capabilities")
     if problems:
         raise RegistryError(f"{method!r} is not a peftkit method: it needs " + "; ".join(problems))
+    _config_takes_the_name(method)
+
+
+def _config_takes_the_name(method: type[Method]) -> None:
+    """Make sure a spec entry ``{"method": method.name}`` validates with ``method.config``.
+
+    A variant of a registered method (a subclass under a new name, changing its adapter or its capabilities)
+    inherits a config pinned to its parent's name; it gets a config subclass pinned to its own name, so a variant
+    needs no config class of its own. A config declared on the class itself must pin the class's name."""
+    annotation = method.config.model_fields["method"].annotation
+    if get_origin(annotation) is not Literal or method.name in get_args(annotation):
+        return
+    if "config" in vars(method):
+        raise RegistryError(
+            f"{method.__qualname__}.config pins `method` to {', '.join(map(repr, get_args(annotation)))}, but the "
+            f"method's name is {method.name!r}: write `method: Literal[{method.name!r}] = {method.name!r}` in "
+            "the config, or leave `config` out of the class to inherit its parent's under the new name"
+        )
+    parent = method.config
+    method.config = create_model(  # type: ignore[misc]
+        f"{method.__name__}Config",
+        __base__=parent,
+        __module__=method.__module__,
+        method=(Literal[method.name], method.name),
+    )
 
 
 def _add(method: type[Method], source: str) -> None:

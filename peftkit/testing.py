@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import re
 import tempfile
@@ -35,8 +36,9 @@ import peftkit
 from peftkit.errors import TargetingError
 from peftkit.keys import ADAPTER_CONTAINER
 from peftkit.lifecycle.attach import get_state
+from peftkit.method import Method
 from peftkit.patterns import compile_pattern
-from peftkit.registry import get_method
+from peftkit.registry import get_method, known_methods, registered
 from peftkit.sites.kinds import SiteContext, make_site
 from peftkit.sites.placements import PLACEMENT_NAMES, places_of
 from peftkit.sites.weight import Conv1D
@@ -68,7 +70,11 @@ class Case:
     def run(self, model: nn.Module) -> torch.Tensor:
         if isinstance(self.inputs, dict):
             output = model(**self.inputs)
-            return output.logits if hasattr(output, "logits") else output.last_hidden_state
+            if hasattr(output, "logits"):
+                return output.logits
+            # an encoder without a head: its pooler is a host too, so its output counts
+            parts = [output.last_hidden_state, getattr(output, "pooler_output", None)]
+            return torch.cat([part.flatten() for part in parts if part is not None])
         return model(self.inputs)
 
 
@@ -211,14 +217,42 @@ def cases(draw: st.DrawFn, method: str, configs: st.SearchStrategy[dict[str, Any
     return Case(family, build, _make_input(recipe, seed + 1, dtype), entry, dtype)
 
 
-def randomise_adapters(model: nn.Module, seed: int = 0) -> None:
-    """Move every adapter parameter away from its initialisation, so that merge and save are not checked on a no-op."""
+def randomise_adapters(
+    model: nn.Module, seed: int = 0, *, run: Callable[[nn.Module], torch.Tensor] | None = None, change: float = 0.2
+) -> None:
+    """Move every adapter parameter away from its initialisation, so that merge and save are not checked on a no-op.
+
+    Without ``run``, each parameter gets noise of std 0.3. With ``run`` (the model's output on a fixed input), the
+    noise is scaled to the method: one direction is drawn at std 0.3, then shortened while the output moves by more
+    than 2.5x ``change`` of its size and lengthened while it moves by less than ``change / 20``. A fixed std cannot
+    fit every method: on LoRA with alpha / r = 26 it makes updates ~100x the weights, on a method whose update is a
+    product of small factors (LoHa) a change that rounding hides. The std is only lengthened from rounding level,
+    since a scale initialised at one crosses zero when its noise grows (a layer norm behind it can hide a real
+    change). The suite's properties use ``run``."""
     generator = torch.Generator().manual_seed(seed)
+    parameters = [p for n, p in model.named_parameters() if ADAPTER_CONTAINER in n.split(".")]
+    noise = [torch.randn(p.shape, generator=generator).to(p.device, p.dtype) for p in parameters]
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if ADAPTER_CONTAINER in name.split("."):
-                noise = torch.randn(parameter.shape, generator=generator).mul_(0.3)
-                parameter.add_(noise.to(parameter.device, parameter.dtype))
+        if run is None or not parameters:
+            for parameter, direction in zip(parameters, noise, strict=True):
+                parameter.add_(direction.mul_(0.3))
+            return
+        start = [p.clone() for p in parameters]
+        before = run(model).double()
+        length = 0.3
+        for _ in range(_CALIBRATION_ROUNDS):
+            for parameter, origin, direction in zip(parameters, start, noise, strict=True):
+                parameter.copy_(origin + length * direction)
+            moved = _relative_error(run(model), before)
+            if math.isnan(moved) or moved > 2.5 * change:  # the square root: a product of two factors moves ~ length²
+                length /= 4.0 if math.isnan(moved) else min(4.0, (moved / change) ** 0.5)
+            elif moved < change / 20:  # rounding-level: grow; above that, keep the std that fits the parameter
+                length *= 4.0 if moved == 0 else min(4.0, (change / moved) ** 0.5)
+            else:
+                return
+
+
+_CALIBRATION_ROUNDS = 8
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -245,7 +279,7 @@ def identity_at_init(case: Case) -> None:
 
 def merge_equivalence(case: Case) -> None:
     model, _ = _attached(case)
-    randomise_adapters(model)
+    randomise_adapters(model, run=case.run)
     unmerged = case.run(model)
     peftkit.merge(model)
     merged = case.run(model)
@@ -255,7 +289,7 @@ def merge_equivalence(case: Case) -> None:
 
 def unmerge_restores_weights(case: Case) -> None:
     model, _ = _attached(case)
-    randomise_adapters(model)
+    randomise_adapters(model, run=case.run)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     peftkit.merge(model)
     merged = {k: v.clone() for k, v in model.state_dict().items()}
@@ -272,7 +306,7 @@ def unmerge_restores_weights(case: Case) -> None:
 
 def save_load_roundtrip(case: Case) -> None:
     model, base = _attached(case)
-    randomise_adapters(model)
+    randomise_adapters(model, run=case.run)
     expected = case.run(model)
     assert not torch.equal(expected, base), "randomised adapters did not change the output"
     with tempfile.TemporaryDirectory() as directory:
@@ -284,7 +318,7 @@ def save_load_roundtrip(case: Case) -> None:
 
 def gradient_isolation(case: Case) -> None:
     model, _ = _attached(case)
-    randomise_adapters(model)
+    randomise_adapters(model, run=case.run)
     model.train()
     case.run(model).float().pow(2).mean().backward()
     for name, parameter in model.named_parameters():
@@ -304,7 +338,7 @@ def detach_restores(case: Case) -> None:
     implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
     base = case.run(model)
     peftkit.attach(model, case.spec())
-    randomise_adapters(model)
+    randomise_adapters(model, run=case.run)
     peftkit.detach(model)
     after = model.state_dict()
     assert list(after) == list(before), "detach left state-dict keys behind or lost some"
@@ -378,10 +412,25 @@ _NEEDS = {
 }
 
 
-def properties_for(method: str) -> list[str]:
-    """The names of the properties that apply to ``method``, by its declared capabilities."""
-    capabilities = get_method(method).capabilities
+def properties_for(method: str | type[Method]) -> list[str]:
+    """The names of the properties that apply to ``method`` (a registered name or a method class), by its declared
+    capabilities."""
+    capabilities = (get_method(method) if isinstance(method, str) else method).capabilities
     return [name for name in PROPERTIES if _NEEDS.get(name, lambda c: True)(capabilities)]
+
+
+@contextlib.contextmanager
+def _registered_for_the_check(method: str | type[Method]) -> Iterator[str]:
+    """The name to check ``method`` under: a class that is not registered yet (a variant being tried) is
+    registered for the duration of the check, so that a spec naming it resolves."""
+    if isinstance(method, str):
+        yield method
+        return
+    if method.name in known_methods() and get_method(method.name) is method:
+        yield method.name
+        return
+    with registered(method):
+        yield method.name
 
 
 @contextlib.contextmanager
@@ -405,12 +454,15 @@ def _hypothesis_files_outside_the_working_directory() -> Iterator[None]:
 
 def check(
     prop: str,
-    method: str,
+    method: str | type[Method],
     configs: st.SearchStrategy[dict[str, Any]] | None = None,
     *,
     max_examples: int | None = None,
 ) -> None:
     """Check one property of ``method`` over generated cases; raises (with a minimal failing case) on failure.
+
+    ``method`` is a registered name or a method class; a class that is not registered (a variant of a registered
+    method, say, a subclass under a new name) is registered for the duration of the check.
 
     The example count follows the active hypothesis profile unless ``max_examples`` is given. Nothing is written
     to the working directory: no example database (a failure prints its minimal case and a ``@reproduce_failure``
@@ -419,26 +471,30 @@ def check(
     if prop not in PROPERTIES:
         raise KeyError(f"unknown property {prop!r}; properties: {', '.join(PROPERTIES)}")
     if prop not in properties_for(method):
-        raise ValueError(f"{prop!r} does not apply to {method!r} by its declared capabilities")
+        name = method if isinstance(method, str) else method.name
+        raise ValueError(f"{prop!r} does not apply to {name!r} by its declared capabilities")
     extra = {} if max_examples is None else {"max_examples": max_examples}
 
-    @settings(
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-        database=None,
-        **extra,
-    )
-    @given(case=cases(method, configs if configs is not None else st.just({})))
-    def run(case: Case) -> None:
-        with torch.random.fork_rng():  # adapter initialisation draws from the global generator
-            torch.manual_seed(0)
-            PROPERTIES[prop](copy.copy(case))
+    with _registered_for_the_check(method) as name, _hypothesis_files_outside_the_working_directory():
 
-    with _hypothesis_files_outside_the_working_directory():
+        @settings(
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+            database=None,
+            **extra,
+        )
+        @given(case=cases(name, configs if configs is not None else st.just({})))
+        def run(case: Case) -> None:
+            with torch.random.fork_rng():  # adapter initialisation draws from the global generator
+                torch.manual_seed(0)
+                PROPERTIES[prop](copy.copy(case))
+
         run()
 
 
-def check_method(method: str, configs: st.SearchStrategy[dict[str, Any]] | None = None, **kwargs: Any) -> None:
+def check_method(
+    method: str | type[Method], configs: st.SearchStrategy[dict[str, Any]] | None = None, **kwargs: Any
+) -> None:
     """Every applicable property of ``method``, one after another."""
     for prop in properties_for(method):
         check(prop, method, configs, **kwargs)

@@ -65,3 +65,12 @@ def test_lora_overhead_quick_writes_positive_ratios(run_quick) -> None:
         "train_step_lora_over_full",
         "train_memory_lora_over_full",
     }
+
+
+def test_merge_tolerance_quick_reports_every_mergeable_method_under_its_tolerance(run_quick) -> None:
+    report = run_quick("merge_tolerance")
+    assert report["benchmark"] == "merge_tolerance"
+    assert {r["method"] for r in report["results"]} == set(report["config"]["methods"]) >= {"lora", "ia3"}
+    for row in report["results"]:
+        assert row["cases"] > 0
+        assert 0 <= row["merged_vs_unmerged"]["median"] <= row["merged_vs_unmerged"]["worst"] <= row["tolerance"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import strategies as st
+from loha_method import LoHa
 from scale_method import Scale
 
 import peftkit
@@ -60,15 +61,20 @@ def test_builtin_methods_conform(method: str, prop: str) -> None:
     testing.check(prop, method, configs=BUILTIN_CONFIGS[method])
 
 
-@pytest.fixture
-def scale_method():
-    with peftkit.registered(Scale):
-        yield Scale
+# The methods of docs/examples, as a plugin author writes them: a scale (multiplicative) and LoHa (a dense update).
+OUTSIDE_METHODS = {
+    Scale: st.just({}),
+    LoHa: st.fixed_dictionaries({"r": st.integers(1, 4), "alpha": st.floats(0.5, 16.0)}),
+}
 
 
-@pytest.mark.parametrize("prop", list(testing.PROPERTIES))
-def test_outside_method_conforms(scale_method, prop: str) -> None:
-    testing.check(prop, "scale")
+@pytest.mark.parametrize(
+    ("method", "prop"),
+    [(m, p) for m in OUTSIDE_METHODS for p in testing.properties_for(m)],
+    ids=lambda value: getattr(value, "name", value),
+)
+def test_outside_methods_conform(method, prop: str) -> None:
+    testing.check(prop, method, configs=OUTSIDE_METHODS[method])  # registered for the check, then removed
 
 
 def test_the_suite_writes_nothing_into_the_working_directory(tmp_path) -> None:
@@ -106,7 +112,8 @@ def test_properties_follow_capabilities() -> None:
 
 
 def test_suite_catches_a_broken_method() -> None:
-    """The suite is not vacuous: a method whose merge is wrong fails merge_equivalence."""
+    """The suite is not vacuous: a method whose merge is wrong fails merge_equivalence. The broken method is a
+    variant of Scale (a subclass under a new name, no config class of its own), checked without registering it."""
     from scale_method import ScaleAdapter
     from variants import scale_variant
 
@@ -115,9 +122,9 @@ def test_suite_catches_a_broken_method() -> None:
             factor = self.scale.detach().float()
             self.site.add_to_weight_((factor[:, None] - 1.0) * self.site.weight_as_matrix())
 
-    variant = scale_variant("broken-scale", BrokenMerge)
-    with peftkit.registered(variant), pytest.raises(AssertionError, match="merged output differs"):
-        testing.check("merge_equivalence", "broken-scale", max_examples=50)
+    with pytest.raises(AssertionError, match="merged output differs"):
+        testing.check("merge_equivalence", scale_variant("broken-scale", BrokenMerge), max_examples=50)
+    assert "broken-scale" not in peftkit.known_methods()  # registered for the check only
 
 
 def test_suite_catches_a_method_that_ignores_the_host_device() -> None:
@@ -130,6 +137,7 @@ def test_suite_catches_a_method_that_ignores_the_host_device() -> None:
             super().__init__(site)
             self.scale = torch.nn.Parameter(torch.ones(site.out_features))  # the slip: no device, no dtype
 
-    variant = scale_variant("cpu-scale", CPUAdapter)
-    with peftkit.registered(variant), pytest.raises(AssertionError, match="is on cpu, its host on meta"):
-        testing.check("adapters_follow_the_host_device_and_dtype", "cpu-scale", max_examples=20)
+    with pytest.raises(AssertionError, match="is on cpu, its host on meta"):
+        testing.check(
+            "adapters_follow_the_host_device_and_dtype", scale_variant("cpu-scale", CPUAdapter), max_examples=20
+        )

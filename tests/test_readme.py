@@ -24,3 +24,14 @@ def test_quickstart_runs_as_written(tmp_path, monkeypatch) -> None:
 def test_writing_a_method_shows_the_tested_example_verbatim() -> None:
     docs = README.parent / "docs"
     assert (docs / "examples" / "scale_method.py").read_text() in (docs / "writing-a-method.md").read_text()
+
+
+def test_the_variant_example_of_writing_a_method_runs_as_written() -> None:
+    text = (README.parent / "docs" / "writing-a-method.md").read_text()
+    code = re.search(r"## A variant of a registered method.*?```python\n(.*?)```", text, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "writing-a-method.md", "exec"), namespace)
+    import peftkit
+
+    assert "lora-no-rules" not in peftkit.known_methods()  # registered for the check and the block only
+    assert namespace["NoRulesLoRA"].config.model_fields["method"].default == "lora-no-rules"

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit import Adapter, Capabilities, Method, MethodConfig
+from peftkit import ALL_RULES, Adapter, Capabilities, Method, MethodConfig
 from peftkit.sites import WeightSite
 
 
@@ -34,20 +34,10 @@ class ScaleAdapter(Adapter):
         return out * self.scale  # the feature axis is last for Linear and Conv1D hosts
 
     def merge(self) -> None:
-        self._rescale(self.scale.detach())
+        self.site.scale_features_(self.scale)  # W <- diag(s) W, b <- s * b, in float32 or wider
 
     def unmerge(self) -> None:
-        self._rescale(1.0 / self.scale.detach())
-
-    def _rescale(self, factor: torch.Tensor) -> None:
-        """Multiply the host's rows (and bias) by ``factor``, computing the change in float32 or better."""
-        factor = factor.to(torch.promote_types(factor.dtype, torch.float32))
-        weight = self.site.weight_as_matrix().to(factor.dtype)  # (out_features, in_features)
-        self.site.add_to_weight_((factor[:, None] - 1.0) * weight)
-        bias = getattr(self.site.module, "bias", None)
-        if bias is not None:
-            with torch.no_grad():
-                bias.copy_((bias.to(factor.dtype) * factor).to(bias.dtype))
+        self.site.scale_features_(1.0 / self.scale.detach())
 
 
 class Scale(Method):
@@ -58,6 +48,7 @@ class Scale(Method):
         module_types=(nn.Linear, Conv1D),
         mergeable=True,
         identity_at_init=True,
+        compose_rules=ALL_RULES,  # a function of the host's output alone: it can be summed, stacked, gated
     )
 
     @classmethod

@@ -118,15 +118,27 @@ def read_peft_config(directory: str | Path) -> dict[str, Any]:
     return read_json_object(Path(directory) / CONFIG_FILE, MAX_CONFIG_BYTES, holds)
 
 
+def declared_peft_type(method: type[Method]) -> str | None:
+    """The ``peft_type`` ``method`` declares in its own class body. A variant (a subclass under another name)
+    inherits its parent's code but not its claim to the format: its adapters may compute something else."""
+    return vars(method).get("peft_type")
+
+
 def method_for_peft_type(peft_type: Any) -> type[Method]:
-    """The registered method whose class declares this ``peft_type``."""
+    """The registered method that declares this ``peft_type`` (see :func:`declared_peft_type`)."""
     if not isinstance(peft_type, str):
         raise CheckpointError(f"{CONFIG_FILE}: peft_type must be a string (the PEFT method's name), got {peft_type!r}")
-    supported = {}
+    supported: dict[str, type[Method]] = {}
     for name in known_methods():
         method = get_method(name)
-        if method.peft_type is not None:
-            supported[method.peft_type] = method
+        claimed = declared_peft_type(method)
+        if claimed is None:
+            continue
+        if claimed in supported:
+            raise CheckpointError(
+                f"methods {supported[claimed].name!r} and {name!r} both declare peft_type {claimed!r}; unregister one"
+            )
+        supported[claimed] = method
     if peft_type not in supported:
         raise CheckpointError(
             f"PEFT checkpoint of peft_type {peft_type!r}: no registered method reads it; supported: {sorted(supported)}"
@@ -236,7 +248,8 @@ def to_peft(model: nn.Module, directory: str | Path, adapter_name: str = "defaul
     if len(methods) > 1:
         raise CheckpointError(f"adapter {adapter_name!r} mixes methods {methods}; a PEFT checkpoint holds one method")
     method = attached[0].method
-    if method.peft_type is None:
+    peft_type = declared_peft_type(method)
+    if peft_type is None:
         raise CheckpointError(f"method {method.name!r} has no HF PEFT format (its class declares no peft_type)")
     if state.spec.trainable:
         raise CheckpointError(
@@ -244,7 +257,7 @@ def to_peft(model: nn.Module, directory: str | Path, adapter_name: str = "defaul
         )
     peft_config, tensors = method.to_peft(attached, model)
     config = {
-        "peft_type": method.peft_type,
+        "peft_type": peft_type,
         "task_type": peft_task_type(model),
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "inference_mode": True,

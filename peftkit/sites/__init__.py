@@ -25,6 +25,7 @@ from peftkit.sites.weight import (
     WeightSite,
     register_weight_site,
     weight_site_types,
+    widened,
 )
 
 __all__ = [
@@ -47,4 +48,5 @@ __all__ = [
     "register_weight_site",
     "site_kinds",
     "weight_site_types",
+    "widened",
 ]

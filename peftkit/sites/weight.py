@@ -4,14 +4,17 @@ A **weight site** is a linear-like module (nn.Linear, GPT-2's Conv1D, nn.Embeddi
 a map from ``in_features`` to ``out_features`` with a weight matrix of shape (out_features, in_features). It
 offers the pieces an adapter needs to act on that map without materialising a new weight: ``project_in`` (the
 host's own operation with ``r`` output channels, e.g. a strided convolution), ``project_out_`` (a 1x1 map back to
-``out_features``, accumulated into the host's output in place) and ``add_to_weight_`` (for merging). The per-type
-facts (Conv1D stores its weight transposed; an embedding's input is an index) live here, in one small class per
-host type, and nowhere else.
+``out_features``, accumulated into the host's output in place), ``add_dense_update_`` (the host's operation with a
+full (out_features, in_features) update, for methods whose update is not a product of two thin factors), and for
+merging ``add_to_weight_`` and ``scale_features_``, which do their arithmetic in float32 or wider
+(:func:`widened`) and round once to the weight's dtype. The per-type facts (Conv1D stores its weight transposed; an
+embedding's input is an index) live here, in one small class per host type, and nowhere else.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +26,12 @@ try:  # GPT-2 and a few other transformers models use a transposed linear layer
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency, but the core does not need it
     Conv1D = None  # type: ignore[assignment,misc]
+
+
+def widened(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float32, or as it is when it is float32 or wider (float64): the precision a merge computes its
+    update in, so that a bf16 or fp16 model rounds once, when the sum is cast back to the weight's dtype."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 class WeightSite:
@@ -76,6 +85,24 @@ class WeightSite:
             return out
         return out + torch.matmul(h, (b * scale).t()).to(out.dtype)  # the scale on the small (o, r) matrix
 
+    def add_dense_update_(
+        self, out: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, scale: float = 1.0
+    ) -> torch.Tensor:
+        """Return ``out + scale * host_op(x, delta)``: the host's own operation (a linear map, a lookup, a strided
+        convolution) run with a full (out_features, in_features) update ``delta`` in place of its weight, added into
+        ``out`` in place when safe. For methods whose update is dense (a Hadamard or Kronecker product of factors);
+        a thin product ``B A`` is cheaper as ``project_in`` then ``project_out_``. ``delta`` may be wider than the
+        activations (float32 from :func:`widened` factors); it is cast to their dtype (the output's, for an embedding's
+        ids), and gradients flow through."""
+        delta = self._scaled(delta).to(out.dtype if self.input_is_index else x.dtype)  # ids have no float dtype
+        if type(self).project_in is not WeightSite.project_in:  # an embedding lookup, a convolution
+            update = self.project_in(x, delta * scale)
+            return out.add_(update) if out.dtype == update.dtype else out + update.to(out.dtype)
+        if out.dtype == x.dtype and out.is_contiguous():
+            out.view(-1, self.out_features).addmm_(x.reshape(-1, x.shape[-1]), delta.t(), alpha=scale)
+            return out
+        return out + F.linear(x, delta * scale).to(out.dtype)
+
     # A host whose forward multiplies its own output by a constant (Gemma's and BART's scaled word embeddings): the
     # update is scaled the same way, so that the unmerged forward equals the merged one, scale * (W + dW).
     output_scale: torch.Tensor | float | None = None
@@ -89,7 +116,7 @@ class WeightSite:
 
     def _wide_weight(self) -> torch.Tensor:
         """The weight in float32, or float64 for a float64 model (a copy only for lower precisions)."""
-        return self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
+        return widened(self.weight)
 
     def weight_as_matrix(self) -> torch.Tensor:
         """The weight as (out_features, in_features), in float32 or wider."""
@@ -108,9 +135,18 @@ class WeightSite:
             else:
                 weight.copy_((weight.float() + delta.float()).to(weight.dtype))
 
-    def scale_rows_(self, factor: torch.Tensor) -> None:
-        """Multiply each output feature's weights (and bias) by ``factor`` (shape (out_features,))."""
-        raise NotImplementedError(f"{type(self.module).__name__} does not support row scaling")
+    def scale_features_(self, factor: torch.Tensor, side: Literal["out", "in"] = "out") -> None:
+        """Fold a per-feature scale into the host: ``side="out"`` multiplies each output feature's weights and its
+        bias by ``factor`` (out_features,), i.e. ``W <- diag(f) W, b <- f * b``; ``side="in"`` multiplies each input
+        feature's weights, ``W <- W diag(f)`` (the bias is untouched). Computed in float32 or wider, rounded once."""
+        factor = widened(factor.detach())
+        weight = self.weight_as_matrix().to(factor.dtype)  # (out_features, in_features)
+        change = factor - 1.0
+        self.add_to_weight_(weight * (change[:, None] if side == "out" else change[None, :]))
+        bias = getattr(self.module, "bias", None)
+        if side == "out" and isinstance(bias, torch.Tensor):
+            with torch.no_grad():
+                bias.copy_((widened(bias) * factor).to(bias.dtype))
 
 
 class LinearSite(WeightSite):
