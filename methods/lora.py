@@ -193,6 +193,10 @@ class LoRA(Method):
     _PEFT_INITS_THAT_CHANGE_THE_BASE = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
     @classmethod
+    def reads_peft(cls, peft_config: dict) -> bool:
+        return not peft_config.get("use_dora")  # a DoRA checkpoint goes to the method that declares it
+
+    @classmethod
     def from_peft(
         cls, peft_config: dict, tensors: dict[str, torch.Tensor], model: nn.Module, adapter_name: str
     ) -> tuple[list[dict], dict[str, torch.Tensor]]:
@@ -257,7 +261,7 @@ class LoRA(Method):
             raise CheckpointError("the PEFT LoRA checkpoint holds no LoRA tensors")
         entries = [
             {
-                "method": "lora",
+                "method": cls.name,
                 "target": paths,
                 "r": rank,
                 "alpha": alpha,

@@ -130,6 +130,12 @@ class Method(ABC):
     peft_type: ClassVar[str | None] = None
 
     @classmethod
+    def reads_peft(cls, peft_config: dict[str, Any]) -> bool:
+        """Whether this method reads a PEFT config of its ``peft_type``; override when methods share a type and
+        split on a field of its config (one PEFT type with a flag that turns on a variant)."""
+        return True
+
+    @classmethod
     def capabilities_for(cls, config: MethodConfig) -> Capabilities:
         """The capabilities of one configuration; by default the method's. Override when a field changes them
         (a gated prefix is an identity at init, a plain one is not)."""

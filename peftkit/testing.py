@@ -115,11 +115,7 @@ def _conv2d_family(draw: st.DrawFn) -> tuple[Callable[[], nn.Module], Any]:
 
 def _transformer_family(name: str) -> Callable[[st.DrawFn], tuple[Callable[[], nn.Module], Any]]:
     def family(draw: st.DrawFn) -> tuple[Callable[[], nn.Module], Any]:
-        return (lambda: peftkit.zoo.TINY_MODELS[name]()), (
-            "ids",
-            (2, draw(st.integers(2, 8))),
-            128,
-        )  # one token: q has no effect
+        return (lambda: peftkit.zoo.TINY_MODELS[name]()), ("ids", (2, draw(st.integers(2, 8))), 128)  # 2+: q acts
 
     return family
 
@@ -224,11 +220,10 @@ def randomise_adapters(
 
     Without ``run``, each parameter gets noise of std 0.3. With ``run`` (the model's output on a fixed input), the
     noise is scaled to the method: one direction is drawn at std 0.3, then shortened while the output moves by more
-    than 2.5x ``change`` of its size and lengthened while it moves by less than ``change / 20``. A fixed std cannot
-    fit every method: on LoRA with alpha / r = 26 it makes updates ~100x the weights, on a method whose update is a
-    product of small factors (LoHa) a change that rounding hides. The std is only lengthened from rounding level,
-    since a scale initialised at one crosses zero when its noise grows (a layer norm behind it can hide a real
-    change). The suite's properties use ``run``."""
+    than 2.5x ``change`` of its size and lengthened while it moves by less than ``change / 20`` (within 1/256 and 16
+    times the start). A fixed std cannot fit every method: on LoRA with alpha / r = 26 it makes updates ~100x the
+    weights, on a product of small factors (LoHa) a change that rounding hides. It is lengthened only from rounding
+    level, since a scale initialised at one crosses zero as its noise grows. The suite's properties use ``run``."""
     generator = torch.Generator().manual_seed(seed)
     parameters = [p for n, p in model.named_parameters() if ADAPTER_CONTAINER in n.split(".")]
     noise = [torch.randn(p.shape, generator=generator).to(p.device, p.dtype) for p in parameters]
@@ -241,6 +236,8 @@ def randomise_adapters(
         before = run(model).double()
         length = 0.3
         for _ in range(_CALIBRATION_ROUNDS):
+            # bounded: a method whose output saturates (a normalised direction) would otherwise grow without end
+            length = min(max(length, 0.3 / 256), 0.3 * 16)
             for parameter, origin, direction in zip(parameters, start, noise, strict=True):
                 parameter.copy_(origin + length * direction)
             moved = _relative_error(run(model), before)

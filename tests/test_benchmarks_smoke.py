@@ -74,3 +74,14 @@ def test_merge_tolerance_quick_reports_every_mergeable_method_under_its_toleranc
     for row in report["results"]:
         assert row["cases"] > 0
         assert 0 <= row["merged_vs_unmerged"]["median"] <= row["merged_vs_unmerged"]["worst"] <= row["tolerance"]
+
+
+def test_variant_cost_quick_times_every_arm_and_agrees_with_peft(run_quick) -> None:
+    report = run_quick("variant_cost")
+    assert report["benchmark"] == "variant_cost"
+    arms = {row["arm"] for row in report["results"]}
+    assert {"peftkit_lora", "peftkit_dora"} <= arms
+    for row in report["results"]:
+        assert row["train_step_s"] > 0 and row["forward_s"] > 0 and row["saved_for_backward_bytes"] > 0
+    for diff in report["peftkit_vs_peft_max_abs_logit_diff"].values():
+        assert diff < 1e-4  # the arms compute the same model

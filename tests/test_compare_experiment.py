@@ -95,8 +95,8 @@ def test_task_option_picks_the_shipped_experiment_for_that_task():
 
 
 def test_unknown_method_name_is_an_error_listing_the_arms(capsys):
-    assert cli.run(parse("--methods", "dora")) == 2
-    assert "arms: ['full', 'lora', 'lora-qv', 'houlsby'" in capsys.readouterr().err
+    assert cli.run(parse("--methods", "no-such-arm")) == 2
+    assert "arms: ['full', 'lora', 'dora', 'lora-qv', 'houlsby'" in capsys.readouterr().err
 
 
 def test_the_default_run_trains_the_default_arms_and_all_trains_every_built_in_method():
@@ -106,6 +106,7 @@ def test_the_default_run_trains_the_default_arms_and_all_trains_every_built_in_m
     assert every == {
         "full",
         "lora",
+        "dora",
         "lora-qv",
         "houlsby",
         "pfeiffer",
@@ -124,8 +125,8 @@ def test_the_default_run_trains_the_default_arms_and_all_trains_every_built_in_m
 
 
 def test_default_arms_must_name_arms_of_the_file(tmp_path):
-    path = write(tmp_path, lambda raw: raw.update(default_arms=["full", "dora"]))
-    with pytest.raises(ExperimentError, match="dora"):
+    path = write(tmp_path, lambda raw: raw.update(default_arms=["full", "no-such-arm"]))
+    with pytest.raises(ExperimentError, match="no-such-arm"):
         load_experiment(path)
 
 

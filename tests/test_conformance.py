@@ -29,6 +29,10 @@ BUILTIN_CONFIGS = {
             "init": st.sampled_from(["kaiming", "gaussian"]),
         }
     ),
+    "dora": st.fixed_dictionaries(
+        {"r": st.integers(1, 6), "alpha": st.floats(0.5, 32.0), "rslora": st.booleans()},
+        optional={"dropout": st.sampled_from([0.0, 0.1])},
+    ),
     "houlsby": _BOTTLENECK,
     "pfeiffer": _BOTTLENECK,
     "parallel": _BOTTLENECK,

@@ -190,3 +190,17 @@ def test_merge_error_refuses_what_cannot_be_merged() -> None:
     model = peftkit.attach(build_model("gpt2-tiny"), {"adapters": {"default": [{"method": "houlsby"}]}})
     with pytest.raises(peftkit.AttachError, match="not mergeable"):
         peftkit.merge_error(model)
+
+
+def test_adapters_attached_to_a_model_in_eval_mode_start_in_eval_mode() -> None:
+    """A new module is in training mode; attached to an eval model, LoRA's dropout would run at inference."""
+    model = build_model("gpt2-tiny").eval()
+    peftkit.attach(model, {"adapters": {"default": [{"method": "lora", "target": "c_attn", "dropout": 0.5}]}})
+    peftkit.testing.randomise_adapters(model)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
+    assert not any(m.training for m in model.modules())
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout on the LoRA path, now training

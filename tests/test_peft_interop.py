@@ -137,6 +137,42 @@ def test_peftkit_lora_exports_to_peft_with_equal_outputs(family, variant, tmp_pa
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_peft_dora_loads_in_peftkit_with_equal_outputs(family, tmp_path):
+    targets = LORA_TARGETS[family]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True, rank_pattern={targets[0]: 2})
+    _close(*_peft_to_peftkit(family, config, tmp_path))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peftkit_dora_exports_to_peft_with_equal_outputs(family, tmp_path):
+    spec = {"adapters": {"default": [{"method": "dora", "target": LORA_TARGETS[family], "r": 4, "alpha": 8.0}]}}
+    _close(*_peftkit_to_peft(family, spec, tmp_path))
+
+
+@pytest.mark.parametrize(("family", "embedding"), [("gpt2-tiny", "wte"), ("llama-tiny", "embed_tokens")])
+def test_dora_on_input_embeddings_round_trips_with_peft(family, embedding, tmp_path):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=[embedding], use_dora=True)
+    _close(*_peft_to_peftkit(family, config, tmp_path / "in"))
+    spec = {"adapters": {"default": [{"method": "dora", "target": embedding, "r": 4}]}}
+    _close(*_peftkit_to_peft(family, spec, tmp_path / "out"))
+
+
+def test_a_dora_checkpoint_becomes_dora_entries_and_a_merged_model_matches_peft(tmp_path):
+    base = _base("llama-tiny")
+    peft_model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True)
+    )
+    _randomise([p for p in peft_model.parameters() if p.requires_grad])
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = peftkit.from_peft(copy.deepcopy(base), tmp_path / "peft")
+    from peftkit.lifecycle.attach import get_state
+
+    assert {a.method.name for a in get_state(model).attached} == {"dora"}
+    merged_peft = peft_model.merge_and_unload()
+    _close(_output(peftkit.merge_and_detach(model), "llama-tiny"), _output(merged_peft, "llama-tiny"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_peft_ia3_loads_in_peftkit_with_equal_outputs(family, tmp_path):
     targets, feedforward = IA3_TARGETS[family]
     config = IA3Config(target_modules=targets, feedforward_modules=feedforward)
@@ -272,7 +308,7 @@ def _assert_refused_and_untouched(family, directory, *words):
 @pytest.mark.parametrize(
     ("config", "feature"),
     [
-        (LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), "use_dora"),
+        (LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, bias="all"), "bias"),
         (LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True), "lora_bias"),
         (LoraConfig(r=4, target_modules=["q_proj"], bias="all"), "bias"),
         (LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]), "modules_to_save"),
@@ -281,6 +317,16 @@ def _assert_refused_and_untouched(family, directory, *words):
 )
 def test_unsupported_peft_features_are_refused_by_name(config, feature, tmp_path):
     _assert_refused_and_untouched("llama-tiny", _save_peft("llama-tiny", config, tmp_path / "c"), feature)
+
+
+def test_a_dora_checkpoint_without_the_dora_method_is_refused_by_name(tmp_path):
+    directory = _save_peft("llama-tiny", LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), tmp_path / "c")
+    dora = peftkit.get_method("dora")
+    peftkit.unregister_method("dora")
+    try:
+        _assert_refused_and_untouched("llama-tiny", directory, "use_dora")
+    finally:
+        peftkit.register_method(dora)
 
 
 def test_a_checkpoint_for_another_architecture_is_refused_and_leaves_the_model_as_it_was(tmp_path):

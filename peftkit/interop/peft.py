@@ -124,26 +124,28 @@ def declared_peft_type(method: type[Method]) -> str | None:
     return vars(method).get("peft_type")
 
 
-def method_for_peft_type(peft_type: Any) -> type[Method]:
-    """The registered method that declares this ``peft_type`` (see :func:`declared_peft_type`)."""
+def method_for_peft_type(peft_config: Mapping[str, Any]) -> type[Method]:
+    """The registered method that declares the config's ``peft_type`` (see :func:`declared_peft_type`) and reads
+    this config (``Method.reads_peft``: two methods may share a PEFT type and split on one of its fields). When the methods of
+    that type all decline, the first is returned, so that its ``from_peft`` says which field it cannot represent."""
+    peft_type = peft_config.get("peft_type")
     if not isinstance(peft_type, str):
         raise CheckpointError(f"{CONFIG_FILE}: peft_type must be a string (the PEFT method's name), got {peft_type!r}")
-    supported: dict[str, type[Method]] = {}
+    declaring: dict[str, list[type[Method]]] = {}
     for name in known_methods():
         method = get_method(name)
         claimed = declared_peft_type(method)
-        if claimed is None:
-            continue
-        if claimed in supported:
-            raise CheckpointError(
-                f"methods {supported[claimed].name!r} and {name!r} both declare peft_type {claimed!r}; unregister one"
-            )
-        supported[claimed] = method
-    if peft_type not in supported:
+        if claimed is not None:
+            declaring.setdefault(claimed, []).append(method)
+    if peft_type not in declaring:
         raise CheckpointError(
-            f"PEFT checkpoint of peft_type {peft_type!r}: no registered method reads it; supported: {sorted(supported)}"
+            f"PEFT checkpoint of peft_type {peft_type!r}: no registered method reads it; supported: {sorted(declaring)}"
         )
-    return supported[peft_type]
+    readers = [method for method in declaring[peft_type] if method.reads_peft(peft_config)]
+    if len(readers) > 1:
+        names = ", ".join(repr(method.name) for method in readers)
+        raise CheckpointError(f"methods {names} all read this {peft_type} checkpoint; unregister all but one")
+    return readers[0] if readers else declaring[peft_type][0]
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -193,7 +195,7 @@ def from_peft(model: nn.Module, directory: str | Path, adapter_name: str = "defa
     :class:`~peftkit.errors.CheckpointError` and the model is left as it was."""
     directory = Path(directory)
     peft_config = read_peft_config(directory)
-    method = method_for_peft_type(peft_config.get("peft_type"))
+    method = method_for_peft_type(peft_config)
     _common_refusals(peft_config)
     tensors = _without_unchanged_base_copies(_read_tensors(directory), model)
     try:

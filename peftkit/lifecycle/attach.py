@@ -123,7 +123,9 @@ def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path, *, act
         [*(previous.attached if previous else []), *(_Planned(i.row.adapter, i.row.path, i.method) for i in planned)],
     )
     _refuse_oversized(model, planned)
-    built = [(item, item.method.create(item.config, item.site)) for item in planned]
+    # A new module is in training mode; an adapter follows its host instead, so that attaching to a model in eval
+    # mode does not switch on the adapter's dropout.
+    built = [(item, item.method.create(item.config, item.site).train(item.module.training)) for item in planned]
     _refuse_adapters_holding_the_base(model, built)
     composed = {n: c.rule for c in combined.compose if c.rule != "stack" for n in c.adapters}
     for item, adapter in built:
@@ -166,7 +168,7 @@ def _install(state: ModelState, item: Any, adapter: Adapter, undo: list[Callable
     host, path, name = item.module, item.row.path, item.row.adapter
     container = getattr(host, ADAPTER_CONTAINER, None)
     if container is None:
-        container = nn.ModuleDict()
+        container = nn.ModuleDict().train(host.training)
         container.__dict__["_peftkit_state"] = state  # for hooks that find adapters through their host
         host.add_module(ADAPTER_CONTAINER, container)
         undo.append(functools.partial(delattr, host, ADAPTER_CONTAINER))
@@ -311,7 +313,8 @@ def _add_gates(model: nn.Module, state: ModelState, offset: int, undo: list[Call
                 member = next(iter(container[n] for n in composition.adapters if n in container))
                 parameter = next(member.parameters())
                 count = len(composition.adapters)
-                container[gate_name(index)] = Gates(count, composition.gate_init, parameter.device, parameter.dtype)
+                gates = Gates(count, composition.gate_init, parameter.device, parameter.dtype)
+                container[gate_name(index)] = gates.train(container.training)
                 undo.append(functools.partial(container.__delitem__, gate_name(index)))
 
 

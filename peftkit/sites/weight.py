@@ -114,13 +114,19 @@ class WeightSite:
         scale = self.output_scale
         return b * (scale.to(device=b.device, dtype=b.dtype) if isinstance(scale, torch.Tensor) else scale)
 
-    def _wide_weight(self) -> torch.Tensor:
-        """The weight in float32, or float64 for a float64 model (a copy only for lower precisions)."""
-        return widened(self.weight)
+    def weight_view(self) -> torch.Tensor:
+        """The weight as (out_features, in_features) in its own dtype: a view, never a copy, for computations that
+        must not materialise a second weight-sized tensor (a norm per output feature, a product with a thin factor)."""
+        return self.weight
 
     def weight_as_matrix(self) -> torch.Tensor:
-        """The weight as (out_features, in_features), in float32 or wider."""
-        return self._wide_weight()
+        """The weight as (out_features, in_features), in float32 or wider (a copy only for lower precisions)."""
+        return widened(self.weight_view())
+
+    def along_features(self, vector: torch.Tensor) -> torch.Tensor:
+        """A per-output-feature vector (out_features,) shaped to broadcast against the host's output: the feature
+        axis is last for linear maps and lookups, second for a convolution's (batch, channels, height, width)."""
+        return vector
 
     def _delta_in_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta
@@ -134,6 +140,14 @@ class WeightSite:
                 weight.add_(delta.to(weight.dtype))
             else:
                 weight.copy_((weight.float() + delta.float()).to(weight.dtype))
+
+    def write_weight_(self, matrix: torch.Tensor) -> None:
+        """Replace the weight by an (out_features, in_features) matrix computed in float32 or wider, cast once. For a
+        merge whose result is not W plus a small update (a rescaled weight): adding ``new - W`` would round at W's
+        magnitude, which a later division (an unmerge) magnifies."""
+        weight = self.weight
+        with torch.no_grad():
+            weight.copy_(self._delta_in_layout(matrix).reshape(weight.shape).to(weight.dtype))
 
     def scale_features_(self, factor: torch.Tensor, side: Literal["out", "in"] = "out") -> None:
         """Fold a per-feature scale into the host: ``side="out"`` multiplies each output feature's weights and its
@@ -162,8 +176,8 @@ class Conv1DSite(WeightSite):
         super().__init__(module)
         self.in_features, self.out_features = module.weight.shape
 
-    def weight_as_matrix(self) -> torch.Tensor:
-        return self._wide_weight().t()
+    def weight_view(self) -> torch.Tensor:
+        return self.weight.t()
 
     def _delta_in_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.t()
@@ -181,8 +195,8 @@ class EmbeddingSite(WeightSite):
     def project_in(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, a.t())
 
-    def weight_as_matrix(self) -> torch.Tensor:
-        return self._wide_weight().t()
+    def weight_view(self) -> torch.Tensor:
+        return self.weight.t()
 
     def _delta_in_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.t()
@@ -208,8 +222,11 @@ class Conv2dSite(WeightSite):
             return out.add_(update)
         return out + update.to(out.dtype)
 
-    def weight_as_matrix(self) -> torch.Tensor:
-        return self._wide_weight().reshape(self.out_features, -1)
+    def weight_view(self) -> torch.Tensor:
+        return self.weight.reshape(self.out_features, -1)  # a view of a contiguous weight
+
+    def along_features(self, vector: torch.Tensor) -> torch.Tensor:
+        return vector[:, None, None]
 
 
 def _embedding_site(module: nn.Module) -> WeightSite | str:
