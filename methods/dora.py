@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from peftkit_methods.lora import LoRA, LoRAAdapter, LoRAConfig
 from torch import nn
 
+from peftkit import ParameterGroup
 from peftkit.sites import WeightSite, widened
 
 
@@ -49,6 +50,10 @@ class DoRAAdapter(LoRAAdapter):
         if not self.lora_magnitude.is_meta:
             with torch.no_grad():
                 self.lora_magnitude.copy_(self.weight_norm())  # ‖W0‖_c: B = 0
+
+    def parameter_group(self, name: str) -> ParameterGroup:
+        """LoRA's, and no weight decay on the magnitude (decay would pull each feature's norm towards 0)."""
+        return ParameterGroup(weight_decay=False) if name == "lora_magnitude" else super().parameter_group(name)
 
     def weight_norm(self) -> torch.Tensor:
         """‖W0 + s B A‖ per output feature, in float32 or wider, without a gradient and without a full-size

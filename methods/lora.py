@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from peftkit import ALL_RULES, Adapter, Capabilities, Method, MethodConfig
+from peftkit import ALL_RULES, Adapter, Capabilities, Method, MethodConfig, ParameterGroup
 from peftkit.sites import WeightSite, weight_site_types, widened
 
 
@@ -31,6 +31,9 @@ class LoRAConfig(MethodConfig):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout on the input of the LoRA path")
     rslora: bool = Field(default=False, description="scale by alpha / sqrt(r) (rank-stabilised LoRA)")
     init: Literal["kaiming", "gaussian"] = Field(default="kaiming", description="initialisation of A; B is 0")
+    lora_plus_ratio: float | None = Field(
+        default=None, gt=0, description="LoRA+: B learns at this multiple of A's learning rate (the paper: 16)"
+    )
 
 
 class LoRAAdapter(Adapter):
@@ -38,6 +41,7 @@ class LoRAAdapter(Adapter):
         super().__init__()
         self.site = site
         self.rank = config.r
+        self.b_lr_scale = config.lora_plus_ratio or 1.0
         self.scaling = config.alpha / (math.sqrt(config.r) if config.rslora else config.r)
         self.dropout = 0.0 if site.input_is_index else config.dropout
         factory = {"device": site.device, "dtype": site.dtype}
@@ -51,6 +55,10 @@ class LoRAAdapter(Adapter):
             nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         else:
             nn.init.normal_(self.lora_a, std=1.0 / config.r)
+
+    def parameter_group(self, name: str) -> ParameterGroup:
+        """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): B at ``lora_plus_ratio`` times A's learning rate."""
+        return ParameterGroup(lr_scale=self.b_lr_scale) if name == "lora_b" else ParameterGroup()
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.dropout and self.training:  # no dropout copy of x when there is no dropout

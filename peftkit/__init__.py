@@ -28,8 +28,9 @@ from peftkit.lifecycle.attach import (
     unmerge,
 )
 from peftkit.lifecycle.combine import combine
+from peftkit.lifecycle.optimizer import parameter_groups
 from peftkit.lifecycle.precision import merge_error
-from peftkit.method import ALL_RULES, DEFAULT_RULES, Adapter, Capabilities, Method, MethodConfig
+from peftkit.method import ALL_RULES, DEFAULT_RULES, Adapter, Capabilities, Method, MethodConfig, ParameterGroup
 from peftkit.registry import (
     broken_plugins,
     get_method,
@@ -53,6 +54,7 @@ __all__ = [
     "CheckpointError",
     "Method",
     "MethodConfig",
+    "ParameterGroup",
     "PeftkitError",
     "Plan",
     "PlanRow",
@@ -76,6 +78,7 @@ __all__ = [
     "merge",
     "merge_and_detach",
     "merge_error",
+    "parameter_groups",
     "plan",
     "read_spec",
     "rediscover",

@@ -88,6 +88,15 @@ class Capabilities:
     combinable: bool = False
 
 
+@dataclass(frozen=True)
+class ParameterGroup:
+    """How the optimizer treats one adapter parameter (see :func:`peftkit.parameter_groups`): its learning rate is
+    the base rate times ``lr_scale``, and it decays with the optimizer's weight decay unless ``weight_decay`` is off."""
+
+    lr_scale: float = 1.0
+    weight_decay: bool = True
+
+
 class Adapter(nn.Module):
     """An adapter at one site. ``forward(x, out)`` returns the adapted output of the host for input ``x``.
 
@@ -105,6 +114,11 @@ class Adapter(nn.Module):
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         """The host's input as the adapted model sees it (only called when ``transforms_input`` is True)."""
         return x
+
+    def parameter_group(self, name: str) -> ParameterGroup:
+        """The optimizer settings of this adapter's parameter ``name`` (its name inside the adapter, as
+        ``named_parameters`` gives it); by default the optimizer's own."""
+        return ParameterGroup()
 
     def merge_refusal(self) -> str | None:
         """Why this adapter cannot be merged in its current state, or None. :func:`peftkit.merge` asks every chosen

@@ -96,7 +96,7 @@ def test_task_option_picks_the_shipped_experiment_for_that_task():
 
 def test_unknown_method_name_is_an_error_listing_the_arms(capsys):
     assert cli.run(parse("--methods", "no-such-arm")) == 2
-    assert "arms: ['full', 'lora', 'dora', 'lora-qv', 'houlsby'" in capsys.readouterr().err
+    assert "arms: ['full', 'lora', 'dora', 'lora-plus', 'lora-qv', 'houlsby'" in capsys.readouterr().err
 
 
 def test_the_default_run_trains_the_default_arms_and_all_trains_every_built_in_method():
@@ -107,6 +107,7 @@ def test_the_default_run_trains_the_default_arms_and_all_trains_every_built_in_m
         "full",
         "lora",
         "dora",
+        "lora-plus",
         "lora-qv",
         "houlsby",
         "pfeiffer",

@@ -27,7 +27,8 @@ BUILTIN_CONFIGS = {
             "alpha": st.floats(0.5, 32.0),
             "rslora": st.booleans(),
             "init": st.sampled_from(["kaiming", "gaussian"]),
-        }
+        },
+        optional={"lora_plus_ratio": st.floats(1.0, 32.0)},
     ),
     "dora": st.fixed_dictionaries(
         {"r": st.integers(1, 6), "alpha": st.floats(0.5, 32.0), "rslora": st.booleans()},

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from peftkit import parameter_groups
+from peftkit.lifecycle.attach import get_state
+
 
 @dataclass
 class StepLog:
@@ -38,13 +41,18 @@ def make_optimizer(
     model: nn.Module, lr: float, head_lr: float | None, weight_decay: float, head: set[str]
 ) -> torch.optim.AdamW:
     """AdamW (the fused kernel where the device has one) over the parameters that require grad, with the new
-    head in its own group."""
+    head in its own group; a peftkit model's adapters in the groups their methods ask for (peftkit.parameter_groups:
+    LoRA+'s B learning rate, no decay on DoRA's magnitude)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    is_head = [is_head_parameter(n, head) for n, _ in named]
-    groups = [
-        {"params": [p for (_, p), h in zip(named, is_head) if not h], "lr": lr},
-        {"params": [p for (_, p), h in zip(named, is_head) if h], "lr": head_lr or lr},
-    ]
+    head_ids = {id(p) for n, p in named if is_head_parameter(n, head)}
+    if get_state(model) is not None:
+        body = [
+            {**group, "params": [p for p in group["params"] if id(p) not in head_ids]}
+            for group in parameter_groups(model, lr, weight_decay)
+        ]
+    else:
+        body = [{"params": [p for _, p in named if id(p) not in head_ids], "lr": lr}]
+    groups = [*body, {"params": [p for _, p in named if id(p) in head_ids], "lr": head_lr or lr}]
     params = [p for _, p in named]
     # The fused kernel is what HF Trainer uses by default (torch >= 2.8): full fine-tuning, whose optimizer
     # step walks every weight, is measured at its fastest, not handicapped by the per-tensor loop.

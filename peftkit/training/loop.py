@@ -28,6 +28,7 @@ import peftkit.training.distributed as distributed
 from peftkit.errors import CheckpointError, PeftkitError
 from peftkit.io import SPEC_FILE, _saved_parameters, restore_adapter_weights, save
 from peftkit.lifecycle.attach import attach
+from peftkit.lifecycle.optimizer import parameter_groups
 from peftkit.lifecycle.precision import merge_error
 from peftkit.training.config import TrainConfig
 from peftkit.training.distributed import Runtime
@@ -221,10 +222,10 @@ def _train(config: TrainConfig, config_dir: Path, runtime: Runtime, *, progress:
     start = 0
     state, folder = _resume_checkpoint(output, model, config.steps)
     net = distributed.wrap(model, config.distributed.strategy, runtime)
-    parameters = [p for p in net.parameters() if p.requires_grad]  # after wrap: FSDP2 swaps in DTensors
-    optimizer = torch.optim.AdamW(
-        parameters, lr=config.optimizer.lr, betas=config.optimizer.betas, weight_decay=config.optimizer.weight_decay
-    )
+    # after wrap (FSDP2 swaps DTensors into the model's own modules): each method's learning-rate and decay choices
+    groups = parameter_groups(model, config.optimizer.lr, config.optimizer.weight_decay)
+    parameters = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=config.optimizer.lr, betas=config.optimizer.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     if state is not None:
         start = _restore_state(state, folder, net, optimizer, scheduler, runtime, log)

@@ -27,6 +27,7 @@ from transformers import Trainer, TrainerCallback
 
 from peftkit.io import SPEC_FILE, restore_adapter_weights, save
 from peftkit.lifecycle.attach import get_state
+from peftkit.lifecycle.optimizer import parameter_groups
 
 __all__ = ["AdapterCheckpointCallback", "AdapterTrainer", "restore_adapter_weights"]
 
@@ -43,6 +44,21 @@ class AdapterTrainer(Trainer):
     def _adapter_model(self) -> nn.Module | None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         return model if get_state(model) is not None else None
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer class and settings over :func:`peftkit.parameter_groups`, so that each method's
+        learning-rate multipliers and weight-decay choices hold (LoRA+, no decay on magnitudes and gates)."""
+        adapted = self._adapter_model() if model is None else model
+        if self.optimizer is not None or adapted is None or get_state(adapted) is None:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, adapted)
+        kwargs = {k: v for k, v in kwargs.items() if k != "weight_decay"}
+        groups = parameter_groups(adapted, self.args.learning_rate, self.args.weight_decay)
+        self.optimizer = optimizer_cls(groups, **kwargs)
+        return self.optimizer
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self._adapter_model()
