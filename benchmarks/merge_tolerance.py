@@ -32,12 +32,9 @@ FIELDS = {
 }
 
 
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
-
-
 def merge_errors(case: testing.Case) -> tuple[float, float]:
-    """(merged-vs-unmerged output error, worst weight drift after unmerging) for one generated case."""
+    """(merged-vs-unmerged output error, worst weight drift after unmerging) for one generated case, measured as
+    the suite's merge properties measure them."""
     model = case.fresh()
     peftkit.attach(model, case.spec())
     testing.randomise_adapters(model, run=case.run)
@@ -48,12 +45,8 @@ def merge_errors(case: testing.Case) -> tuple[float, float]:
         merged_output = case.run(model)
         merged = {k: v.clone() for k, v in model.state_dict().items()}
         peftkit.unmerge(model)
-    drift = 0.0
-    for key, value in model.state_dict().items():
-        if value.is_floating_point():
-            scale = torch.maximum(before[key].double().abs().max(), merged[key].double().abs().max()).clamp_min(1e-12)
-            drift = max(drift, ((value.double() - before[key].double()).abs().max() / scale).item())
-    return relative(merged_output, unmerged), drift
+    drift = testing.weight_drift(before, merged, model.state_dict())
+    return testing.relative_error(merged_output, unmerged), max(drift.values(), default=0.0)
 
 
 def summary(values: list[float]) -> dict[str, float]:

@@ -60,11 +60,11 @@ class DoRAAdapter(LoRAAdapter):
         temporary (the expansion in the module docstring)."""
         with torch.no_grad():
             weight = self.site.weight_view()  # (d_out, d_in), a view in the weight's dtype
-            a, b = self.lora_a.to(weight.dtype), widened(self.lora_b)
-            wide = widened(a).dtype
-            squared = torch.linalg.vector_norm(weight, dim=1, dtype=wide).square()
-            squared += 2.0 * self.scaling * (b * widened(weight @ a.t())).sum(dim=1)  # "o r, o r -> o"
-            squared += self.scaling**2 * ((b @ (widened(a) @ widened(a).t())) * b).sum(dim=1)
+            a, b = widened(self.lora_a), widened(self.lora_b)
+            squared = torch.linalg.vector_norm(weight, dim=1, dtype=a.dtype).square()
+            # the adapter may be wider than its base (fp32 adapters over a bf16 base): A meets W in W's dtype
+            squared += 2.0 * self.scaling * (b * widened(weight @ self.lora_a.to(weight.dtype).t())).sum(dim=1)
+            squared += self.scaling**2 * ((b @ (a @ a.t())) * b).sum(dim=1)
             return squared.clamp_min(0.0).sqrt()
 
     def _factor(self, norm: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,11 @@ class IA3Adapter(Adapter):
         size = site.in_features if self.transforms_input else site.out_features
         self.ia3_scale = nn.Parameter(torch.ones(size, device=site.device, dtype=site.dtype))
 
+    @property
+    def side(self) -> str:
+        """Which features the scale multiplies: the host's input (a feed-forward output projection) or its output."""
+        return "in" if self.transforms_input else "out"
+
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.ia3_scale
 
@@ -72,12 +77,12 @@ class IA3Adapter(Adapter):
             for name in ("weight", "bias")
             if isinstance(tensor := getattr(module, name, None), torch.Tensor)
         }
-        self.site.scale_features_(self.ia3_scale, "in" if self.transforms_input else "out")
+        self.site.scale_features_(self.ia3_scale, self.side)
 
     def unmerge(self) -> None:
         kept = self.__dict__.pop("_unmerged", None)
         if kept is None:  # merged by a copy of this adapter that did not keep the weights: divide instead
-            self.site.scale_features_(1.0 / self.ia3_scale.detach(), "in" if self.transforms_input else "out")
+            self.site.scale_features_(1.0 / self.ia3_scale.detach(), self.side)
             return
         with torch.no_grad():
             for name, original in kept.items():

@@ -123,3 +123,20 @@ def test_dora_on_a_host_it_cannot_adapt_names_the_types_and_leaves_the_model_alo
         peftkit.attach(model, {"adapters": {"default": [{"method": "dora", "target": "1"}]}})
     assert "Linear" in str(error.value)
     assert get_state(model) is None
+
+
+def test_float32_adapters_over_a_bfloat16_base_run_and_start_as_the_base() -> None:
+    """peftkit train's bf16 mode keeps adapters in float32 over a bf16 base: the norm mixes the two dtypes."""
+    from peftkit.zoo import build_model
+
+    model = build_model("llama-tiny").to(torch.bfloat16)
+    ids = torch.randint(0, 100, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    peftkit.attach(model, {"adapters": {"d": [{"method": "dora", "target": ["q_proj", "down_proj"], "r": 2}]}})
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        adapted = model(input_ids=ids).logits
+    torch.testing.assert_close(adapted.float(), base.float(), rtol=2e-2, atol=2e-2)
