@@ -14,6 +14,7 @@ from peftkit.errors import (
     TargetingError,
 )
 from peftkit.interop.peft import from_peft, to_peft
+from peftkit.interop.serving import export_merged, load_adapter
 from peftkit.io import load, read_spec, save
 from peftkit.lifecycle.activation import activate, active_adapters, disabled, route, set_trainable
 from peftkit.lifecycle.attach import (
@@ -70,11 +71,13 @@ __all__ = [
     "combine",
     "detach",
     "disabled",
+    "export_merged",
     "fold",
     "from_peft",
     "get_method",
     "known_methods",
     "load",
+    "load_adapter",
     "merge",
     "merge_and_detach",
     "merge_error",

@@ -1,4 +1,5 @@
-"""The ``peftkit`` command line: ``plan``, ``validate``, ``methods``, ``train``, ``from-peft``, ``to-peft``, ``compare``."""
+"""The ``peftkit`` command line: ``plan``, ``validate``, ``methods``, ``train``, ``from-peft``, ``to-peft``, ``merge``,
+``compare``."""
 
 from __future__ import annotations
 
@@ -80,6 +81,33 @@ def _to_peft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from peftkit.interop.serving import adapter_format, export_merged
+
+    names = [n for n in args.adapters.split(",") if n] if args.adapters else None
+    output = export_merged(args.base, args.adapter, args.output, names=names, untie=args.untie)
+    print(f"{args.base} + {args.adapter} ({adapter_format(args.adapter)}) merged -> {output} (plain transformers)")
+    return 0
+
+
+def _merge_parser(subparsers: argparse._SubParsersAction) -> None:
+    merge = subparsers.add_parser(
+        "merge", help="merge an adapter folder into its base model and write a plain transformers folder for serving"
+    )
+    merge.add_argument("base", help="the base model: a local transformers folder with config.json and weights")
+    merge.add_argument("adapter", help="a peftkit (peftkit.save) or HF PEFT (save_pretrained) adapter folder")
+    merge.add_argument("output", help="the new folder to write (must not exist)")
+    merge.add_argument(
+        "--adapters", default=None, help="comma-separated adapter names of a peftkit folder to merge (default: all)"
+    )
+    merge.add_argument(
+        "--untie",
+        action="store_true",
+        help="an adapter on a tied embedding/LM head gets its own copy of the weight (otherwise refused)",
+    )
+    merge.set_defaults(handler=_merge)
+
+
 def _conversion_parser(subparsers: argparse._SubParsersAction, name: str, handler, source: str, output: str) -> None:
     command = subparsers.add_parser(name, help=f"convert a {source} checkpoint folder into a {output} one")
     command.add_argument("source", help=f"{source} checkpoint folder")
@@ -145,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _conversion_parser(subparsers, "from-peft", _from_peft, "HF PEFT", "peftkit")
     _conversion_parser(subparsers, "to-peft", _to_peft, "peftkit", "HF PEFT")
+    _merge_parser(subparsers)
     _compare_parser(subparsers)
     return parser
 
