@@ -24,11 +24,13 @@ from peftkit_benchmarks.common import environment, run_and_report
 import peftkit
 from peftkit import testing
 
-# A method's own fields, drawn as the project's conformance tests draw them; other methods use their defaults.
+# A method's own fields, drawn as the project's conformance tests draw them (a required field must be here);
+# other methods use their defaults.
 FIELDS = {
     "lora": st.fixed_dictionaries(
         {"r": st.integers(1, 6), "alpha": st.floats(0.5, 32.0), "rslora": st.booleans()},
     ),
+    "trainable-tokens": st.fixed_dictionaries({"indices": st.lists(st.integers(0, 1), min_size=1, unique=True)}),
 }
 
 

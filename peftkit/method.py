@@ -106,6 +106,10 @@ class Adapter(nn.Module):
 
     merged: bool = False
     transforms_input: bool = False  # True: ``transform_input`` runs on the host's input before the host does
+    # True: the adapter changes its host's weight as a value, so every module holding the same tensor (a tied LM
+    # head) must see the change too. The core then runs ``tied_forward`` at each such holder while the adapter is
+    # active and unmerged, and lets the adapter merge into the shared tensor (which changes all holders at once).
+    follows_tied_weight: bool = False
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Weight, output and parallel sites call this; an attention-site adapter acts in ``attend`` instead."""
@@ -119,6 +123,15 @@ class Adapter(nn.Module):
         """The optimizer settings of this adapter's parameter ``name`` (its name inside the adapter, as
         ``named_parameters`` gives it); by default the optimizer's own."""
         return ParameterGroup()
+
+    def tied_refusal(self, holder: nn.Module) -> str | None:
+        """Why this adapter cannot follow its weight into ``holder`` (another module holding the same tensor), or
+        None; asked at attach, before the model is touched, only when ``follows_tied_weight`` is True."""
+        return f"{type(self).__name__} does not say how {type(holder).__name__} uses the shared weight"
+
+    def tied_forward(self, holder: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The output of ``holder`` (a module sharing the host's weight) as it would be with the adapted weight."""
+        return out
 
     def merge_refusal(self) -> str | None:
         """Why this adapter cannot be merged in its current state, or None. :func:`peftkit.merge` asks every chosen
@@ -154,6 +167,12 @@ class Method(ABC):
         """The capabilities of one configuration; by default the method's. Override when a field changes them
         (a gated prefix is an identity at init, a plain one is not)."""
         return cls.capabilities
+
+    @classmethod
+    def site_refusal(cls, config: MethodConfig, site: Any) -> str | None:
+        """Why this configuration cannot go on this site (a field that does not fit the host, e.g. an index past
+        its size), or None. Asked while the plan is made, so the refusal comes before anything is built."""
+        return None
 
     @classmethod
     @abstractmethod

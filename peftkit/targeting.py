@@ -231,6 +231,9 @@ def resolve_entry(
         site = make_site(method.capabilities.site, module, context)
         if isinstance(site, str):
             raise TargetingError(f"{where}: {path!r} cannot host {config.method!r}: {site}")
+        refusal = method.site_refusal(config, site)
+        if refusal:
+            raise TargetingError(f"{where}: {path!r} cannot host {config.method!r} as configured: {refusal}")
         site.context = context  # where the host sits, for methods whose behaviour depends on the place
         row = PlanRow(
             adapter,

@@ -116,6 +116,7 @@ def test_the_default_run_trains_the_default_arms_and_all_trains_every_built_in_m
         "prefix",
         "prompt",
         "ptuning",
+        "trainable-tokens",
         "lora+ia3",
     }
     assert {

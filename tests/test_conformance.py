@@ -34,6 +34,7 @@ BUILTIN_CONFIGS = {
         {"r": st.integers(1, 6), "alpha": st.floats(0.5, 32.0), "rslora": st.booleans()},
         optional={"dropout": st.sampled_from([0.0, 0.1])},
     ),
+    "trainable-tokens": st.fixed_dictionaries({"indices": st.lists(st.integers(0, 1), min_size=1, unique=True)}),
     "houlsby": _BOTTLENECK,
     "pfeiffer": _BOTTLENECK,
     "parallel": _BOTTLENECK,

@@ -24,10 +24,12 @@ from peftkit.errors import AttachError
 from peftkit.keys import ADAPTER_CONTAINER
 from peftkit.lifecycle.activation import routed_input, routed_output
 from peftkit.lifecycle.state import STATE_ATTRIBUTE, AttachedAdapter, ModelState, get_state, require_state
+from peftkit.lifecycle.tied import follow, holders_to_follow
 from peftkit.method import Adapter, Method
 from peftkit.patterns import compile_pattern
 from peftkit.sites.placements import places_of
 from peftkit.sites.sublayer import first_input
+from peftkit.sites.tied import shared_parameters
 from peftkit.spec import Spec
 from peftkit.targeting import Plan, base_modules, resolve
 
@@ -127,6 +129,7 @@ def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path, *, act
     # mode does not switch on the adapter's dropout.
     built = [(item, item.method.create(item.config, item.site).train(item.module.training)) for item in planned]
     _refuse_adapters_holding_the_base(model, built)
+    following = holders_to_follow(model, built)
     composed = {n: c.rule for c in combined.compose if c.rule != "stack" for n in c.adapters}
     for item, adapter in built:
         if adapter.transforms_input and item.row.adapter in composed:
@@ -148,7 +151,7 @@ def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path, *, act
         undo.append(functools.partial(_restore_dict, state.original_requires_grad, dict(state.original_requires_grad)))
         state.spec = combined
         for item, adapter in built:
-            _install(state, item, adapter, undo)
+            _install(state, item, adapter, undo, following.get(id(adapter), {}))
         _add_gates(model, state, len(combined.compose) - len(spec.compose), undo)
         if activate:
             state.active.update(spec.adapters)
@@ -163,8 +166,11 @@ def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path, *, act
     return model
 
 
-def _install(state: ModelState, item: Any, adapter: Adapter, undo: list[Callable[[], None]]) -> None:
-    """Put one built adapter on its host: container, forward hook, the site's own hooks; each step logs its undo."""
+def _install(
+    state: ModelState, item: Any, adapter: Adapter, undo: list[Callable[[], None]], holders: dict[str, nn.Module]
+) -> None:
+    """Put one built adapter on its host: container, forward hook, the site's own hooks, hooks at the holders of a
+    tied weight it follows; each step logs its undo."""
     host, path, name = item.module, item.row.path, item.row.adapter
     container = getattr(host, ADAPTER_CONTAINER, None)
     if container is None:
@@ -178,7 +184,8 @@ def _install(state: ModelState, item: Any, adapter: Adapter, undo: list[Callable
     container[name] = adapter
     undo.append(functools.partial(container.__delitem__, name))
     adapter.__dict__["peftkit_method"] = item.method  # routing groups a host's adapters by method
-    extra = item.site.install(adapter) if hasattr(item.site, "install") else []
+    extra = list(item.site.install(adapter)) if hasattr(item.site, "install") else []
+    extra.extend(follow(state, name, adapter, holders))
     undo.extend(handle.remove for handle in extra)
     if adapter.transforms_input:
         hook = _make_input_hook(state, name, adapter)
@@ -350,7 +357,12 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None, *, untie: 
             f"cannot merge adapter {attached.adapter_name!r} at {attached.path!r}: {reason} "
             f"({len(refusals)} such host(s)); nothing was merged"
         )
-    tied = {a.path: shared for a in chosen if (shared := shared_parameters(model, a.path))}
+    # an adapter that follows its weight into every holder merges into the shared tensor, as it means to
+    tied = {
+        a.path: shared
+        for a in chosen
+        if not a.module.follows_tied_weight and (shared := shared_parameters(model, a.path))
+    }
     if tied and not untie:
         path, shared = next(iter(tied.items()))
         owner = next(iter(shared.values()))[0]
@@ -372,24 +384,6 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None, *, untie: 
         attached.module.merge()
         attached.module.merged = True
     return model
-
-
-def shared_parameters(model: nn.Module, path: str) -> dict[str, list[str]]:
-    """The host's own parameters (by name) that other modules of the model hold too, with those modules' paths."""
-    modules = dict(model.named_modules(remove_duplicate=False))
-    host = modules[path]
-    owners: dict[int, list[str]] = {}
-    for other_path, module in modules.items():
-        if module is host:
-            continue
-        for name, parameter in module._parameters.items():
-            if parameter is not None:
-                owners.setdefault(id(parameter), []).append(f"{other_path}.{name}" if other_path else name)
-    return {
-        name: owners[id(parameter)]
-        for name, parameter in host._parameters.items()
-        if parameter is not None and id(parameter) in owners
-    }
 
 
 def mergeable_choice(state: ModelState, names: Iterable[str] | None) -> list[AttachedAdapter]:

@@ -5,6 +5,7 @@
 - :mod:`~peftkit.sites.sublayer` — output and parallel sites around a sub-layer.
 - :mod:`~peftkit.sites.attention` — extra keys and values through transformers' attention-function registry.
 - :mod:`~peftkit.sites.input` — virtual tokens before the input embeddings.
+- :mod:`~peftkit.sites.tied` — which modules hold the same tensor (a tied LM head and input embedding).
 - :mod:`~peftkit.sites.structure` and :mod:`~peftkit.sites.placements` — where a model's attention, feed-forward
   and sub-layers are, found from its structure (the ``@place`` targets).
 
@@ -16,6 +17,7 @@ from peftkit.sites.input import InputSite
 from peftkit.sites.kinds import SiteContext, make_site, register_site_kind, site_kinds
 from peftkit.sites.placements import Places, places_of
 from peftkit.sites.sublayer import SublayerSite
+from peftkit.sites.tied import shared_parameters, tied_holders
 from peftkit.sites.weight import (
     Conv1D,
     Conv1DSite,
@@ -46,7 +48,9 @@ __all__ = [
     "prepend_keys",
     "register_site_kind",
     "register_weight_site",
+    "shared_parameters",
     "site_kinds",
+    "tied_holders",
     "weight_site_types",
     "widened",
 ]
