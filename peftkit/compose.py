@@ -57,6 +57,15 @@ class Composition(BaseModel):
         return self
 
 
+# Rules that weight their members (learned gates, fixed averages): a merged weight cannot hold the weights.
+WEIGHTING_RULES: frozenset[str] = frozenset({"gate", "average"})
+
+
+def weighted_adapters(compositions: list[Composition]) -> set[str]:
+    """The adapters a weighting rule scales, which therefore cannot be merged into the base weights."""
+    return {name for c in compositions if c.rule in WEIGHTING_RULES for name in c.adapters}
+
+
 def gate_name(index: int) -> str:
     """The container key of rule ``index``'s gates: it starts with a digit, which no adapter name can."""
     return f"{index}_gate"

@@ -17,6 +17,7 @@ from typing import Literal
 
 from torch import nn
 
+from peftkit.compose import weighted_adapters
 from peftkit.errors import CheckpointError
 from peftkit.keys import ADAPTER_CONTAINER
 
@@ -84,7 +85,7 @@ def refuse_unmergeable(directory: str | Path, names: list[str] | None = None) ->
     unknown = sorted(set(names or []) - set(spec.adapters))
     if unknown:
         raise CheckpointError(f"{str(directory)!r} holds adapters {sorted(spec.adapters)}, not {unknown}")
-    weighted = {n for rule in spec.compose if rule.rule in {"gate", "average"} for n in rule.adapters}
+    weighted = weighted_adapters(spec.compose)
     for name, entries in spec.adapters.items():
         if names is not None and name not in names:
             continue

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from peftkit.compose import Gates, check_rules, compose_output, gate_name
+from peftkit.compose import Gates, check_rules, compose_output, gate_name, weighted_adapters
 from peftkit.errors import AttachError
 from peftkit.keys import ADAPTER_CONTAINER
 from peftkit.lifecycle.activation import routed_input, routed_output
@@ -389,7 +389,7 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None, *, untie: 
 def mergeable_choice(state: ModelState, names: Iterable[str] | None) -> list[AttachedAdapter]:
     """The active (or named) adapters, refused up front, before any weight changes, if one cannot be merged."""
     chosen = [a for a in state.adapters(names) if names is not None or a.adapter_name in state.active]
-    weighted = {n for c in state.spec.compose if c.rule in {"gate", "average"} for n in c.adapters}
+    weighted = weighted_adapters(state.spec.compose)
     refused = sorted({(a.adapter_name, a.method.name) for a in chosen if not a.method.capabilities.mergeable})
     refused += sorted(
         {(a.adapter_name, "weighted by a composition rule") for a in chosen if a.adapter_name in weighted}
