@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from peftkit_methods.lora import LoRA, LoRAAdapter, LoRAConfig
+from pydantic import Field
 from torch import nn
 
 from peftkit import ParameterGroup
@@ -39,6 +40,8 @@ from peftkit.sites import WeightSite, widened
 
 class DoRAConfig(LoRAConfig):
     method: Literal["dora"] = "dora"
+    # the magnitude starts as the host weight's norm; PiSSA's or OLoRA's residual would make that a different model
+    init: Literal["kaiming", "gaussian"] = Field(default="kaiming", description="initialisation of A; B is 0")
 
 
 class DoRAAdapter(LoRAAdapter):

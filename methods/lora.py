@@ -5,19 +5,30 @@ The frozen weight W0 (d_out x d_in) gets a trainable low-rank update, eq. (3) of
     h = W0 x + (alpha / r) * B A x,      A: r x d_in,  B: d_out x r,  B = 0 at init
 
 so training starts from the base model. rsLoRA scales by alpha / sqrt(r) instead, which keeps the update's
-magnitude stable as r grows. The forward never builds W0 + BA: it runs ``A`` with the host's own operation (a
+magnitude stable as r grows.
+
+PiSSA (Meng et al. 2024, arXiv:2404.02948) starts from W0's principal part instead: with W0 = U S V^T,
+
+    s B0 A0 = U_r S_r V_r^T,   A0 = sqrt(S_r / s) V_r^T,   B0 = U_r sqrt(S_r / s),   W_res = W0 - s B0 A0
+
+so B and A train the directions that matter most, over the residual W_res left in the host (the randomised SVD of
+Halko et al. 2011 with ``pissa_iterations`` power iterations makes it fast on large weights). OLoRA (Büyükakyüz
+2024, arXiv:2406.01775) takes W0 = Q R and A0 = R_r, B0 = Q_r (orthonormal columns), W_res = W0 - s B0 A0. Both
+rewrite the host's weight at attach (the core keeps and restores the original), and are saved as the plain LoRA
+that makes the same change to W0: s (B A - B0 A0) = s [B, -B0] [A; A0], rank 2r. The forward never builds W0 + BA: it runs ``A`` with the host's own operation (a
 linear map, an embedding lookup, a strided convolution), then adds ``scale * B h`` into the host's output in place.
 Merging adds the update, computed in float32, to the weight; unmerging subtracts it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from peftkit import ALL_RULES, Adapter, Capabilities, Method, MethodConfig, ParameterGroup
@@ -30,10 +41,56 @@ class LoRAConfig(MethodConfig):
     alpha: float = Field(default=16.0, gt=0, description="the update is scaled by alpha / r (alpha / sqrt(r))")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout on the input of the LoRA path")
     rslora: bool = Field(default=False, description="scale by alpha / sqrt(r) (rank-stabilised LoRA)")
-    init: Literal["kaiming", "gaussian"] = Field(default="kaiming", description="initialisation of A; B is 0")
+    init: Literal["kaiming", "gaussian", "pissa", "olora"] = Field(
+        default="kaiming",
+        description="kaiming or gaussian: A drawn so, B = 0; pissa, olora: B A starts as the weight's principal part "
+        "(SVD) or its first QR factors, and the host keeps the residual",
+    )
+    pissa_iterations: int | None = Field(
+        default=None, ge=0, le=64, description="init pissa by a randomised SVD with this many power iterations"
+    )
     lora_plus_ratio: float | None = Field(
         default=None, gt=0, description="LoRA+: B learns at this multiple of A's learning rate (the paper: 16)"
     )
+
+    @model_validator(mode="after")
+    def _iterations_need_pissa(self) -> LoRAConfig:
+        if self.pissa_iterations is not None and self.init != "pissa":
+            raise ValueError(f"pissa_iterations applies to init 'pissa' only, not {self.init!r}; remove it")
+        return self
+
+
+# initialisations that move part of W0 into B A and leave the residual in the host
+REWRITING_INITS = frozenset({"pissa", "olora"})
+
+
+def randomized_svd(weight: torch.Tensor, rank: int, iterations: int) -> tuple[torch.Tensor, ...]:
+    """The top singular triplets of ``weight`` by a randomised range finder with power iterations (Halko, Martinsson
+    and Tropp 2011, algorithm 4.4), oversampled by 8 columns; from a fixed seed, so that the same weight always gives
+    the same factors (a checkpoint saved as trained finds the same residual when it is loaded)."""
+    columns = min(rank + 8, *weight.shape)
+    generator = torch.Generator(device=weight.device).manual_seed(0)
+    probe = torch.randn(weight.shape[1], columns, generator=generator, device=weight.device, dtype=weight.dtype)
+    basis = torch.linalg.qr(weight @ probe).Q  # "o i, i q -> o q"
+    for _ in range(iterations):
+        basis = torch.linalg.qr(weight.T @ basis).Q
+        basis = torch.linalg.qr(weight @ basis).Q
+    u, singular, vh = torch.linalg.svd(basis.T @ weight, full_matrices=False)  # "q o, o i -> q i"
+    return basis @ u, singular, vh
+
+
+def initial_factors(weight: torch.Tensor, config: LoRAConfig, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A0 (r, d_in) and B0 (d_out, r) of PiSSA or OLoRA from the (d_out, d_in) weight, in its (float32+) dtype."""
+    r = config.r
+    if config.init == "olora":
+        q, upper = torch.linalg.qr(weight)
+        return upper[:r].contiguous(), q[:, :r].contiguous()
+    if config.pissa_iterations is None:
+        u, singular, vh = torch.linalg.svd(weight, full_matrices=False)
+    else:
+        u, singular, vh = randomized_svd(weight, r, config.pissa_iterations)
+    root = (singular[:r] / scaling).sqrt()
+    return root[:, None] * vh[:r], u[:, :r] * root
 
 
 class LoRAAdapter(Adapter):
@@ -49,8 +106,16 @@ class LoRAAdapter(Adapter):
         self.lora_b = nn.Parameter(torch.zeros(site.out_features, config.r, **factory))
         # A meta tensor holds no values: initialising it would do nothing and cost ~0.3 ms per adapter (about half
         # of attaching to a meta model), so it is skipped; whoever materialises the model initialises it.
+        if config.init in REWRITING_INITS:  # B0 and A0 stay beside the trained factors (never saved as such)
+            self.register_buffer("initial_a", torch.empty_like(self.lora_a), persistent=False)
+            self.register_buffer("initial_b", torch.empty_like(self.lora_b), persistent=False)
         if self.lora_a.is_meta:
             pass
+        elif config.init in REWRITING_INITS:
+            a0, b0 = initial_factors(site.weight_as_matrix(), config, self.scaling)
+            with torch.no_grad():
+                for tensor, value in ((self.lora_a, a0), (self.initial_a, a0), (self.lora_b, b0), (self.initial_b, b0)):
+                    tensor.copy_(value)
         elif config.init == "kaiming":  # the same as nn.Linear's default initialisation
             nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         else:
@@ -69,6 +134,22 @@ class LoRAAdapter(Adapter):
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A as a (d_out, d_in) matrix in float32, or float64 for a float64 model."""
         return (widened(self.lora_b) @ widened(self.lora_a)).mul_(self.scaling)
+
+    # -- PiSSA / OLoRA: the host holds W0 - s B0 A0 while the adapter is attached --------------------------------
+    def rewrite_base(self) -> None:
+        """W_res = W0 - s B0 A0, from the factors as stored (rounded to the adapter's dtype), so that the residual
+        plus the adapter is W0 up to one rounding of W_res."""
+        self.site.add_to_weight_(-(widened(self.initial_b) @ widened(self.initial_a)).mul_(self.scaling))
+
+    def removed_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.site.project_out_(out, self.site.project_in(x, self.initial_a), self.initial_b, self.scaling)
+
+    def portable_tensors(self) -> dict[str, torch.Tensor]:
+        """[A; A0] and [B, -B0]: their product is B A - B0 A0, the change to W0 (HF PEFT's conversion)."""
+        return {
+            "lora_a": torch.cat([self.lora_a, self.initial_a.to(self.lora_a.dtype)]),
+            "lora_b": torch.cat([self.lora_b, -self.initial_b.to(self.lora_b.dtype)], dim=1),
+        }
 
     def merge(self) -> None:
         self.site.add_to_weight_(self.delta_weight())
@@ -139,6 +220,39 @@ class LoRA(Method):
         return out + torch.bmm(h, b_rows).reshape(out.shape).to(out.dtype)  # "b s r, b r o -> b s o"
 
     @classmethod
+    def capabilities_for(cls, config: LoRAConfig) -> Capabilities:
+        """PiSSA and OLoRA rewrite the host: no per-example routing (the residual is shared by every example), no
+        weighted composition (a weight on the adapter would scale the principal part it carries), no
+        ``peftkit.combine`` (their B A is not the change to W0)."""
+        if config.init not in REWRITING_INITS:
+            return cls.capabilities
+        return dataclasses.replace(
+            cls.capabilities,
+            rewrites_base=True,
+            routable=False,
+            combinable=False,
+            compose_rules=frozenset({"sum", "stack"}),
+        )
+
+    @classmethod
+    def site_refusal(cls, config: LoRAConfig, site: WeightSite) -> str | None:
+        most = min(site.in_features, site.out_features)
+        if config.init in REWRITING_INITS and config.r > most:
+            return (
+                f"r={config.r} is larger than any rank this weight can have (min(out_features, in_features) = "
+                f"{most}); init {config.init!r} takes the weight's first r directions, so set r to {most} or less"
+            )
+        return None
+
+    @classmethod
+    def portable_config(cls, config: LoRAConfig) -> LoRAConfig:
+        """A plain LoRA of rank 2r with the same scaling s (alpha doubled; times sqrt 2 with rsLoRA)."""
+        alpha = config.alpha * (math.sqrt(2.0) if config.rslora else 2.0)
+        return config.model_copy(
+            update={"r": 2 * config.r, "alpha": alpha, "init": "kaiming", "pissa_iterations": None}
+        )
+
+    @classmethod
     def parameter_count(cls, config: LoRAConfig, site: WeightSite) -> int:
         return config.r * (site.in_features + site.out_features)
 
@@ -202,7 +316,8 @@ class LoRA(Method):
 
     @classmethod
     def reads_peft(cls, peft_config: dict) -> bool:
-        return not peft_config.get("use_dora")  # a DoRA checkpoint goes to the method that declares it
+        # a DoRA checkpoint goes to the method that declares it, one with target_parameters to lora-experts
+        return not peft_config.get("use_dora") and not peft_config.get("target_parameters")
 
     @classmethod
     def from_peft(
@@ -299,16 +414,24 @@ class LoRA(Method):
         conv1d = [isinstance(h, Conv1D) for h in hosts]
         if any(conv1d) and not all(conv1d):
             raise CheckpointError("PEFT's fan_in_fan_out is one flag: it cannot mix GPT-2 Conv1D and other hosts")
-        ranks = {a.path: a.config.r for a in attached}
-        alphas = {a.path: a.config.alpha for a in attached}
+        # PiSSA and OLoRA leave as the plain LoRA that changes the original weight (PEFT's own conversion)
+        portable = {a.path: a.config.init in REWRITING_INITS for a in attached}
+        configs = [cls.portable_config(a.config) if portable[a.path] else a.config for a in attached]
+        ranks = {a.path: c.r for a, c in zip(attached, configs, strict=True)}
+        alphas = {a.path: c.alpha for a, c in zip(attached, configs, strict=True)}
         rank = Counter(ranks.values()).most_common(1)[0][0]
         alpha = Counter(alphas.values()).most_common(1)[0][0]
         tensors = {}
         for a in attached:
             embedding = a.module.site.input_is_index
             names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
-            tensors[peft_key(a.path, names[0])] = a.module.lora_a
-            tensors[peft_key(a.path, names[1])] = a.module.lora_b
+            held = (
+                a.module.portable_tensors()
+                if portable[a.path]
+                else {"lora_a": a.module.lora_a, "lora_b": a.module.lora_b}
+            )
+            tensors[peft_key(a.path, names[0])] = held["lora_a"]
+            tensors[peft_key(a.path, names[1])] = held["lora_b"]
         config = {
             "r": rank,
             "lora_alpha": alpha,

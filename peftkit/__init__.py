@@ -22,13 +22,12 @@ from peftkit.lifecycle.attach import (
     attach,
     detach,
     fold,
-    merge,
     merge_and_detach,
     plan,
     trainable_parameters,
-    unmerge,
 )
 from peftkit.lifecycle.combine import combine
+from peftkit.lifecycle.merging import merge, unmerge
 from peftkit.lifecycle.optimizer import parameter_groups
 from peftkit.lifecycle.precision import merge_error
 from peftkit.method import ALL_RULES, DEFAULT_RULES, Adapter, Capabilities, Method, MethodConfig, ParameterGroup

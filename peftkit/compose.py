@@ -84,7 +84,7 @@ def check_rules(compositions: list[Composition], attached: list[Any]) -> None:
     for composition in compositions:
         for item in attached:
             if item.adapter_name in composition.adapters:
-                rules = item.method.capabilities.compose_rules
+                rules = item.method.capabilities_for(item.config).compose_rules
                 if composition.rule not in rules:
                     raise AttachError(
                         f"{item.method.name!r} (adapter {item.adapter_name!r}) at {item.path!r} cannot be composed "

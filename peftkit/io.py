@@ -27,6 +27,7 @@ from peftkit.atomic import write_file_atomically
 from peftkit.errors import AttachError, CheckpointError, PeftkitError
 from peftkit.keys import ADAPTER_CONTAINER
 from peftkit.lifecycle.attach import attach, detach, get_state, plan, plan_trainable_paths, require_state
+from peftkit.lifecycle.rewrite import rewrites_base
 from peftkit.spec import Spec
 from peftkit.untrusted import parse_json
 
@@ -53,11 +54,21 @@ def _saved_parameters(model: nn.Module, adapter_names: set[str] | None = None) -
     return tensors
 
 
-def save(model: nn.Module, directory: str | Path, *, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+def save(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    tensors: dict[str, torch.Tensor] | None = None,
+    portable: bool = True,
+) -> Path:
     """Write the model's adapters (and ``trainable`` modules) and its spec to ``directory``; nothing else.
 
     ``tensors`` replaces the model's own adapter tensors (same keys), for a model whose parameters are shards that
-    were gathered first (``peftkit train`` under FSDP2).
+    were gathered first (``peftkit train`` under FSDP2). An adapter that rewrote its host's weight at attach (PiSSA,
+    OLoRA) is written, by default, as the adapter that makes the same change to the **original** weight (its
+    method's ``portable_config``: for LoRA, a plain LoRA of twice the rank), so the checkpoint loads onto the base
+    model anyone has; ``portable=False`` writes it as trained, for resuming (it loads onto the original base and
+    recomputes the same residual).
     """
     state = require_state(model)
     directory = Path(directory)
@@ -72,11 +83,28 @@ def save(model: nn.Module, directory: str | Path, *, tensors: dict[str, torch.Te
         if tensor.is_meta:
             raise CheckpointError(f"{name} is on the meta device; materialise the model before saving")
         tensors[name] = tensor.detach().to("cpu").contiguous().clone()
-    spec = state.spec.to_json()
+    spec = state.spec
+    if portable and any(rewrites_base(a) for a in state.attached):
+        spec = _write_portable(state, tensors)
+    spec = spec.to_json()
     metadata = {"format": "peftkit", SPEC_METADATA: spec}  # the spec travels inside the one file renamed last
     write_file_atomically(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     write_file_atomically(directory / SPEC_FILE, lambda tmp: Path(tmp).write_text(spec, encoding="utf-8"))
     return directory
+
+
+def _write_portable(state: Any, tensors: dict[str, torch.Tensor]) -> Spec:
+    """Replace, in ``tensors``, each rewriting adapter's tensors by its portable ones; the spec that describes them."""
+    adapters = {name: list(entries) for name, entries in state.spec.adapters.items()}
+    for attached in (a for a in state.attached if rewrites_base(a)):
+        prefix = f"{attached.path}.{ADAPTER_CONTAINER}.{attached.adapter_name}."
+        for key in [k for k in tensors if k.startswith(prefix)]:
+            del tensors[key]
+        with torch.no_grad():
+            for name, tensor in attached.module.portable_tensors().items():
+                tensors[prefix + name] = tensor.detach().to("cpu").contiguous().clone()
+        adapters[attached.adapter_name][attached.entry] = attached.method.portable_config(attached.config)
+    return Spec(adapters=adapters, trainable=state.spec.trainable, compose=state.spec.compose)
 
 
 def refuse_merged_writes(state: Any, keys: list[str], why: str, *, adapters_too: bool = True) -> None:

@@ -21,7 +21,7 @@ from peftkit.compose import Rule
 from peftkit.layers import parse_layers
 from peftkit.patterns import check_patterns
 
-SiteKind = Literal["weight", "output", "parallel", "attention", "input"]
+SiteKind = Literal["weight", "output", "parallel", "attention", "input", "parameter"]
 # The composition rules of peftkit.compose. A method takes part in ``sum`` unless it says otherwise: every adapter
 # whose forward turns the host's output into the adapted output has a change (adapted - output) that can be added to
 # others'. ``ALL_RULES`` is for methods whose adapter is a function of the host's input and output only.
@@ -76,6 +76,12 @@ class Capabilities:
     on the input or inside attention has no output change to add up or stack).
     ``combinable``: the adapter's update is a weight delta that ``peftkit.combine`` can read and write back; the
     method class then implements the hooks of the ``Combinable`` protocol in ``peftkit/lifecycle/combine.py``.
+    ``rewrites_base``: the adapter changes its host's own weight when it is attached (an initialisation that moves
+    part of W0 into the adapter and leaves a residual). The core then keeps the host's original values (on the CPU)
+    and puts them back bit for bit at detach; ``plan`` marks the row; the adapter must implement ``rewrite_base``,
+    ``removed_forward`` and ``portable_tensors``, and its method ``portable_config``, so that an inactive adapter
+    leaves the host computing what it computed before, and ``save`` writes a checkpoint that applies to the
+    original weight.
     """
 
     site: SiteKind
@@ -86,6 +92,7 @@ class Capabilities:
     commutes: bool = True
     compose_rules: frozenset[str] = DEFAULT_RULES
     combinable: bool = False
+    rewrites_base: bool = False
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,23 @@ class Adapter(nn.Module):
         adapter before it changes any weight (a scale with a zero in it cannot be unmerged, for example)."""
         return None
 
+    def rewrite_base(self) -> None:
+        """Write the host's new weight (only for a method whose capabilities say ``rewrites_base``). Called once at
+        attach, after the core has kept the host's original values; it must be a deterministic function of those
+        values and the configuration, so that a checkpoint of the adapter as trained (``save(portable=False)``)
+        loads onto the original base and finds the same residual."""
+        raise NotImplementedError(f"{type(self).__name__} does not rewrite its host")
+
+    def removed_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` plus what ``rewrite_base`` took out of the host's output: the core runs this while the adapter is
+        attached but not running (inactive, or ``peftkit.disabled``), so the host computes what it did before."""
+        raise NotImplementedError(f"{type(self).__name__} does not rewrite its host")
+
+    def portable_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors as an adapter of ``Method.portable_config`` would hold them, applied to the host's
+        original weight: what ``peftkit.save`` writes for an adapter that rewrote its host."""
+        raise NotImplementedError(f"{type(self).__name__} does not rewrite its host")
+
     def merge(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged")
 
@@ -173,6 +197,12 @@ class Method(ABC):
         """Why this configuration cannot go on this site (a field that does not fit the host, e.g. an index past
         its size), or None. Asked while the plan is made, so the refusal comes before anything is built."""
         return None
+
+    @classmethod
+    def portable_config(cls, config: MethodConfig) -> MethodConfig:
+        """For a configuration that rewrites its host: the configuration of an adapter that makes the same change
+        to the host's original weight (what ``peftkit.save`` writes into the checkpoint's spec)."""
+        raise NotImplementedError(f"{cls.name!r} does not rewrite its host")
 
     @classmethod
     @abstractmethod

@@ -70,6 +70,7 @@ class PlanRow:
     module_type: str
     layer: int | None
     parameters: int
+    rewrites_base: bool = False  # the adapter changes the host's weight at attach (put back at detach)
 
 
 @dataclass
@@ -108,6 +109,12 @@ class Plan:
             f"{len(self.rows)} adapted module(s); {self.adapter_parameters:,} adapter parameters "
             f"({share:.4f}% of {self.base_parameters:,} base parameters)"
         )
+        rewritten = [r.path for r in self.rows if r.rewrites_base]
+        if rewritten:
+            lines.append(
+                f"base weight changed at attach (a residual; the original comes back at detach) in {len(rewritten)} "
+                "module(s): " + ", ".join(rewritten)
+            )
         if self.trainable_modules:
             lines.append("trained in full and saved: " + ", ".join(self.trainable_modules))
         return "\n".join(lines)
@@ -124,13 +131,36 @@ class PlannedSite:
     site: object
 
 
+def candidates_for(method: type[Method], modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """What an entry's patterns are matched against: module paths; for a method of the ``parameter`` site kind,
+    the paths of the modules' own parameters (``model.layers.0.mlp.experts.gate_up_proj``), each with its module."""
+    if method.capabilities.site != "parameter":
+        return modules
+    return {
+        f"{path}.{name}": module
+        for path, module in modules.items()
+        for name, parameter in module._parameters.items()
+        if parameter is not None
+    }
+
+
+def site_context(
+    method: type[Method], path: str, modules: dict[str, nn.Module], places: Places | None, root
+) -> SiteContext:
+    """The context of a candidate path: a parameter path's site sits on the module holding the parameter."""
+    if method.capabilities.site != "parameter":
+        return SiteContext(path, modules, places, root)
+    owner, _, name = path.rpartition(".")
+    return SiteContext(owner, modules, places, root, (name,))
+
+
 def adaptable_paths(method: type[Method], modules: dict[str, nn.Module], places: Places | None, root) -> list[str]:
-    """Every module path ``method`` could be put on: the right type, and a site of its kind builds there."""
+    """Every path ``method`` could be put on: the right type, and a site of its kind builds there."""
     accepted = method.capabilities.module_types
     found = []
-    for path, module in modules.items():
+    for path, module in candidates_for(method, modules).items():
         if isinstance(module, accepted):
-            site = make_site(method.capabilities.site, module, SiteContext(path, modules, places, root))
+            site = make_site(method.capabilities.site, module, site_context(method, path, modules, places, root))
             if not isinstance(site, str):
                 found.append(path)
     return found
@@ -157,10 +187,13 @@ def _selected_paths(
     root: nn.Module | None,
 ) -> list[str]:
     """The paths the entry selects; every pattern not marked ``optional:`` must select at least one of them."""
+    candidates = candidates_for(method, modules)
+    if candidates is not modules:  # a parameter is in its module's layer
+        layers = {path: layers[path.rpartition(".")[0]] for path in candidates if path.rpartition(".")[0] in layers}
     matched: list[tuple[str, list[str]]] = []
     for pattern in config.targets:
         match = compile_pattern(pattern, places)
-        hits = [path for path in modules if match(path)]
+        hits = [path for path in candidates if match(path)]
         if hits:
             matched.append((pattern, hits))
         elif not split_optional(pattern)[1]:
@@ -187,23 +220,23 @@ def _selected_paths(
                     f"{where}: target {pattern!r} matched {hits[:3]}... but none in layers {config.layers}"
                 )
         if config.module_types is not None:
-            typed = [p for p in kept if type(modules[p]).__name__ in config.module_types]
+            typed = [p for p in kept if type(candidates[p]).__name__ in config.module_types]
             if not typed and kept and not split_optional(pattern)[1]:
-                found = sorted({type(modules[p]).__name__ for p in kept})
+                found = sorted({type(candidates[p]).__name__ for p in kept})
                 raise TargetingError(
                     f"{where}: target {pattern!r} matched modules of types {found}, "
                     f"none of module_types {config.module_types}"
                 )
             kept = typed
         for path in kept:
-            if not isinstance(modules[path], accepted):
+            if not isinstance(candidates[path], accepted):
                 raise TargetingError(
-                    f"{where}: target {pattern!r} hits {path!r} ({type(modules[path]).__name__}), which "
+                    f"{where}: target {pattern!r} hits {path!r} ({type(candidates[path]).__name__}), which "
                     f"{config.method!r} cannot adapt; it adapts {', '.join(t.__name__ for t in accepted)}. "
                     "Narrow the target or add module_types."
                 )
             selected[path] = None
-    return [path for path in modules if path in selected]  # in the model's order, whatever the patterns' order
+    return [path for path in candidates if path in selected]  # in the model's order, whatever the patterns' order
 
 
 def resolve_entry(
@@ -223,14 +256,18 @@ def resolve_entry(
     """
     method = get_method(config.method)
     where = f"adapters.{adapter}.{index} ({config.method})"
-    paths = _selected_paths(where, method, config, modules, layers, places, root)
+    hosts: dict[str, list[str]] = {}  # host module path -> the parameters targeted on it (parameter sites)
+    for path in _selected_paths(where, method, config, modules, layers, places, root):
+        context = site_context(method, path, modules, places, root)
+        hosts.setdefault(context.path, []).extend(context.parameters)
     planned = []
-    for path in paths:
+    for path, parameters in hosts.items():
         module = modules[path]
-        context = SiteContext(path, modules, places, root)
+        context = SiteContext(path, modules, places, root, tuple(parameters))
         site = make_site(method.capabilities.site, module, context)
         if isinstance(site, str):
-            raise TargetingError(f"{where}: {path!r} cannot host {config.method!r}: {site}")
+            shown = ", ".join(f"{path}.{name}" for name in parameters) if parameters else path
+            raise TargetingError(f"{where}: {shown!r} cannot host {config.method!r}: {site}")
         refusal = method.site_refusal(config, site)
         if refusal:
             raise TargetingError(f"{where}: {path!r} cannot host {config.method!r} as configured: {refusal}")
@@ -240,9 +277,10 @@ def resolve_entry(
             index,
             config.method,
             path,
-            type(module).__name__,
+            type(module).__name__ + (f"[{', '.join(parameters)}]" if parameters else ""),
             layers.get(path),
             method.parameter_count(config, site),
+            method.capabilities_for(config).rewrites_base,
         )
         planned.append(PlannedSite(row, method, config, module, site))
     return planned

@@ -85,6 +85,34 @@ def _roberta(**overrides):
     return RobertaModel(RobertaConfig(**{**fields, **overrides}))
 
 
+def _qwen3_moe(**overrides):
+    """Qwen3-MoE with 4 experts (2 per token) in every layer: its experts are fused 3-D parameters,
+    ``mlp.experts.gate_up_proj`` (E, 2I, H) and ``mlp.experts.down_proj`` (E, H, I). The experts run transformers'
+    eager loop (it runs in every dtype; the grouped-matmul kernel has no float64); ``experts_implementation=...``
+    picks another."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    fields = dict(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=128,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        experts_implementation="eager",
+    )
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(**{**fields, **overrides}))
+
+
 def _mlp(**overrides):
     sizes = overrides.get("sizes", (16, 32, 8))
     layers: list[nn.Module] = []
@@ -112,6 +140,7 @@ TINY_MODELS: dict[str, Callable[..., nn.Module]] = {
     "llama-tiny": _llama,
     "bert-tiny": _bert,
     "roberta-tiny": _roberta,
+    "qwen3-moe-tiny": _qwen3_moe,
     "mlp": _mlp,
     "llama-7b-shape": _llama_7b_shape,
 }

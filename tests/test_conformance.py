@@ -21,14 +21,25 @@ _BOTTLENECK = st.fixed_dictionaries(
     },
 )
 BUILTIN_CONFIGS = {
-    "lora": st.fixed_dictionaries(
-        {
-            "r": st.integers(1, 6),
-            "alpha": st.floats(0.5, 32.0),
-            "rslora": st.booleans(),
-            "init": st.sampled_from(["kaiming", "gaussian"]),
-        },
-        optional={"lora_plus_ratio": st.floats(1.0, 32.0)},
+    "lora": st.one_of(
+        st.fixed_dictionaries(
+            {
+                "r": st.integers(1, 6),
+                "alpha": st.floats(0.5, 32.0),
+                "rslora": st.booleans(),
+                "init": st.sampled_from(["kaiming", "gaussian", "pissa", "olora"]),
+            },
+            optional={"lora_plus_ratio": st.floats(1.0, 32.0)},
+        ),
+        # PiSSA by the randomised SVD (pissa_iterations needs init pissa)
+        st.fixed_dictionaries(
+            {"r": st.integers(1, 6), "init": st.just("pissa"), "pissa_iterations": st.integers(0, 4)},
+            optional={"alpha": st.floats(0.5, 32.0), "rslora": st.booleans()},
+        ),
+    ),
+    "lora-experts": st.fixed_dictionaries(
+        {"r": st.integers(1, 4), "alpha": st.floats(0.5, 32.0), "rslora": st.booleans()},
+        optional={"init": st.sampled_from(["kaiming", "gaussian"]), "lora_plus_ratio": st.floats(1.0, 32.0)},
     ),
     "dora": st.fixed_dictionaries(
         {"r": st.integers(1, 6), "alpha": st.floats(0.5, 32.0), "rslora": st.booleans()},

@@ -20,7 +20,7 @@ LAYERS = [
     {"io", "zoo"},
     {"interop"},
     {"training"},
-    {"__init__", "__main__", "cli", "testing"},
+    {"__init__", "__main__", "cli", "testing", "testing_cases"},
 ]
 RANK = {room: rank for rank, rooms in enumerate(LAYERS) for room in rooms}
 

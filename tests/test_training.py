@@ -54,11 +54,17 @@ def adapters(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "adapter.safetensors")
 
 
-def test_a_crashed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+PISSA = {"adapters": {"default": [{"method": "lora", "target": ["@query", "@value"], "r": 4, "init": "pissa"}]}}
+
+
+@pytest.mark.parametrize("spec", [None, PISSA], ids=["lora", "pissa"])
+def test_a_crashed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, spec):
+    """PiSSA's checkpoints are written as trained (the residual recomputed on resume), its final adapter portable."""
+    overrides = {} if spec is None else {"spec": spec}
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     straight.mkdir(), crashed.mkdir()
-    run(write_config(straight))
-    config = write_config(crashed)
+    run(write_config(straight, **overrides))
+    config = write_config(crashed, **overrides)
     real_write = checkpointing.write
 
     def crash_after_step_12(output, save_adapters, state):
@@ -74,6 +80,10 @@ def test_a_crashed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert result.resumed_from == 12
     expected, got = adapters(straight / "out" / "adapters"), adapters(crashed / "out" / "adapters")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    if spec is not None:
+        assert peftkit.read_spec(crashed / "out" / "checkpoint").adapters["default"][0].init == "pissa"
+        final = peftkit.read_spec(crashed / "out" / "adapters").adapters["default"][0]
+        assert (final.init, final.r) == ("kaiming", 8)
 
 
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_weights(tmp_path):

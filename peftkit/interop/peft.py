@@ -171,7 +171,10 @@ def _without_unchanged_base_copies(tensors: dict[str, torch.Tensor], model: nn.M
             kept[key] = tensor
             continue
         name = key[len(MODEL_PREFIX) :].replace(".base_layer.", ".")
-        if name not in own or own[name].shape != tensor.shape or not torch.equal(own[name], tensor.to(own[name].dtype)):
+        if name not in own:  # not a copy of a base weight: an adapter tensor of a nested wrapper (target_parameters)
+            kept[key] = tensor
+            continue
+        if own[name].shape != tensor.shape or not torch.equal(own[name], tensor.to(own[name].dtype)):
             raise CheckpointError(
                 f"the PEFT checkpoint carries base weights {key!r} (save_embedding_layers) that differ from this "
                 "model's; from_peft does not change the base model. Load them into the base model first."

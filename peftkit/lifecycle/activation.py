@@ -79,7 +79,13 @@ def route(model: nn.Module, per_example: Sequence[str | None]) -> Iterator[nn.Mo
     problems += [
         f"{a.adapter_name} ({a.method.name}) sits at an {a.method.capabilities.site} site"
         for a in attached
-        if a.method.capabilities.site in {"attention", "input"}
+        if a.method.capabilities.site in {"attention", "input", "parameter"}
+    ]
+    problems += [
+        f"{a.adapter_name} rewrote the weight of {a.path} at attach (a residual base: its examples cannot run "
+        "beside others')"
+        for a in attached
+        if a.method.capabilities_for(a.config).rewrites_base
     ]
     if problems:
         raise AttachError("cannot route: " + "; ".join(sorted(set(problems))) + "; unmerge or activate them instead")

@@ -19,17 +19,26 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from peftkit.compose import Gates, check_rules, compose_output, gate_name, weighted_adapters
+from peftkit.compose import Gates, check_rules, compose_output, gate_name
 from peftkit.errors import AttachError
 from peftkit.keys import ADAPTER_CONTAINER
 from peftkit.lifecycle.activation import routed_input, routed_output
+from peftkit.lifecycle.merging import merge, unmerge
+from peftkit.lifecycle.rewrite import (
+    refuse_baking_over_a_residual,
+    refuse_restoring_under_merged,
+    refuse_rewrites,
+    restore,
+    rewrite,
+    rewrites_base,
+    rewritten_by,
+)
 from peftkit.lifecycle.state import STATE_ATTRIBUTE, AttachedAdapter, ModelState, get_state, require_state
 from peftkit.lifecycle.tied import follow, holders_to_follow
 from peftkit.method import Adapter, Method
 from peftkit.patterns import compile_pattern
 from peftkit.sites.placements import places_of
 from peftkit.sites.sublayer import first_input
-from peftkit.sites.tied import shared_parameters
 from peftkit.spec import Spec
 from peftkit.targeting import Plan, base_modules, resolve
 
@@ -43,10 +52,18 @@ def _make_hook(state: ModelState):
 def _run_adapters(state: ModelState, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     container = getattr(module, ADAPTER_CONTAINER)
     running = [a for n, a in container.items() if n in state.active and not a.merged]
-    if not running and state.routing is None:
+    # an adapter that rewrote its host's weight and does not run gives back what it took out of the weight
+    dormant = [
+        a
+        for n, a in container.items()
+        if a.__dict__.get("peftkit_rewrites_base") and not a.merged and (n not in state.active or state.routing)
+    ]
+    if not running and not dormant and state.routing is None:
         return None
     x = first_input(args, kwargs)
     hidden = out if isinstance(out, torch.Tensor) else out[0]  # sub-layers may return (hidden, weights, ...)
+    for adapter in dormant:
+        hidden = adapter.removed_forward(x, hidden)
     if state.routing is not None:
         hidden = routed_output(container, state.routing, x, hidden)
     elif state.spec.compose:
@@ -122,9 +139,13 @@ def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path, *, act
     _, planned = resolve(model, spec)
     check_rules(
         combined.compose,
-        [*(previous.attached if previous else []), *(_Planned(i.row.adapter, i.row.path, i.method) for i in planned)],
+        [
+            *(previous.attached if previous else []),
+            *(_Planned(i.row.adapter, i.row.path, i.method, i.config) for i in planned),
+        ],
     )
     _refuse_oversized(model, planned)
+    refuse_rewrites(model, previous, planned)
     # A new module is in training mode; an adapter follows its host instead, so that attaching to a model in eval
     # mode does not switch on the adapter's dropout.
     built = [(item, item.method.create(item.config, item.site).train(item.module.training)) for item in planned]
@@ -184,6 +205,9 @@ def _install(
     container[name] = adapter
     undo.append(functools.partial(container.__delitem__, name))
     adapter.__dict__["peftkit_method"] = item.method  # routing groups a host's adapters by method
+    if rewrites_base(item):
+        adapter.__dict__["peftkit_rewrites_base"] = True
+        rewrite(state, path, name, host, adapter, undo)
     extra = list(item.site.install(adapter)) if hasattr(item.site, "install") else []
     extra.extend(follow(state, name, adapter, holders))
     undo.extend(handle.remove for handle in extra)
@@ -252,6 +276,8 @@ def _remove(model: nn.Module, state: ModelState, removing: list[AttachedAdapter]
     for attached in removing:
         host = modules[attached.path]
         container = getattr(host, ADAPTER_CONTAINER)
+        if rewritten_by(state, attached):
+            restore(state, attached.path, host)
         del container[attached.adapter_name]
         for handle in attached.site_hooks:
             handle.remove()
@@ -276,6 +302,7 @@ def detach(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Mod
     """
     state = require_state(model)
     removing = state.adapters(names)
+    refuse_restoring_under_merged(state, removing)
     merged = [a for a in removing if a.module.merged]
     if merged:
         unmerge(model, sorted({a.adapter_name for a in merged}))
@@ -305,6 +332,7 @@ class _Planned:
     adapter_name: str
     path: str
     method: type[Method]
+    config: Any
 
 
 def _add_gates(model: nn.Module, state: ModelState, offset: int, undo: list[Callable[[], None]]) -> None:
@@ -340,89 +368,6 @@ def _rename_gates(model: nn.Module, new_index: dict[int, int]) -> None:
                 container[gate_name(new_index[old])] = module_gates
 
 
-def merge(model: nn.Module, names: str | Iterable[str] | None = None, *, untie: bool = False) -> nn.Module:
-    """Fold active adapters (or the named ones) into the base weights: no added latency at inference.
-
-    Refused up front, before any weight changes, if a chosen adapter's method is not mergeable, or if its host
-    shares a weight with another module (a tied LM head and input embedding): merging would change both modules,
-    while the unmerged adapter changes only its host. ``untie=True`` gives each such host its own copy of the
-    shared tensor while it is merged; :func:`unmerge` puts the shared tensor back, untouched.
-    """
-    state = require_state(model)
-    chosen = [a for a in mergeable_choice(state, names) if not a.module.merged]
-    refusals = [(a, reason) for a in chosen if (reason := a.module.merge_refusal())]
-    if refusals:
-        attached, reason = refusals[0]
-        raise AttachError(
-            f"cannot merge adapter {attached.adapter_name!r} at {attached.path!r}: {reason} "
-            f"({len(refusals)} such host(s)); nothing was merged"
-        )
-    # an adapter that follows its weight into every holder merges into the shared tensor, as it means to
-    tied = {
-        a.path: shared
-        for a in chosen
-        if not a.module.follows_tied_weight and (shared := shared_parameters(model, a.path))
-    }
-    if tied and not untie:
-        path, shared = next(iter(tied.items()))
-        owner = next(iter(shared.values()))[0]
-        raise AttachError(
-            f"cannot merge into {path!r}: its {', '.join(shared)} is the same tensor as {owner!r} (tied weights; "
-            f"{len(tied)} such host(s)), so merging would change that module too and the model would no longer "
-            "compute what it computes unmerged. Run it unmerged, leave the tied module out of the target, or "
-            "merge(..., untie=True) to give each tied host its own copy of the weight while merged"
-        )
-    modules = dict(model.named_modules())
-    for path, shared in tied.items():
-        host = modules[path]
-        originals = state.untied.setdefault(path, {})
-        for name in shared:
-            original = host._parameters[name]
-            originals[name] = original
-            host._parameters[name] = nn.Parameter(original.detach().clone(), requires_grad=original.requires_grad)
-    for attached in chosen:
-        attached.module.merge()
-        attached.module.merged = True
-    return model
-
-
-def mergeable_choice(state: ModelState, names: Iterable[str] | None) -> list[AttachedAdapter]:
-    """The active (or named) adapters, refused up front, before any weight changes, if one cannot be merged."""
-    chosen = [a for a in state.adapters(names) if names is not None or a.adapter_name in state.active]
-    weighted = weighted_adapters(state.spec.compose)
-    refused = sorted({(a.adapter_name, a.method.name) for a in chosen if not a.method.capabilities.mergeable})
-    refused += sorted(
-        {(a.adapter_name, "weighted by a composition rule") for a in chosen if a.adapter_name in weighted}
-    )
-    if refused:
-        raise AttachError(
-            f"cannot merge {refused}: these methods are not mergeable (their capabilities say so); "
-            "merge only the mergeable adapters by name, or run them unmerged"
-        )
-    return chosen
-
-
-def unmerge(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
-    """Undo :func:`merge` (exact up to the rounding of the weight's dtype)."""
-    state = require_state(model)
-    for attached in state.adapters(names):
-        if attached.module.merged:
-            attached.module.unmerge()
-            attached.module.merged = False
-    _retie(model, state)
-    return model
-
-
-def _retie(model: nn.Module, state: ModelState) -> None:
-    """Give the hosts untied by ``merge(untie=True)`` that hold no merged adapter any more their shared tensor back
-    (never written to, so the tie comes back exactly as it was)."""
-    still_merged = {a.path for a in state.attached if a.module.merged}
-    modules = dict(model.named_modules())
-    for path in [p for p in state.untied if p not in still_merged]:
-        for name, original in state.untied.pop(path).items():
-            modules[path]._parameters[name] = original
-
-
 def merge_and_detach(model: nn.Module, names: str | Iterable[str] | None = None, *, untie: bool = False) -> nn.Module:
     """Bake adapters (the active ones, or the named ones) into the base weights for good and remove them.
 
@@ -432,9 +377,12 @@ def merge_and_detach(model: nn.Module, names: str | Iterable[str] | None = None,
     the model's config stops asking transformers to tie the word embeddings again when it is saved and loaded."""
     state = require_state(model)
     chosen = [a for a in state.adapters(names) if names is not None or a.adapter_name in state.active]
+    refuse_baking_over_a_residual(state, chosen)
     merge(model, sorted({a.adapter_name for a in chosen}), untie=untie)
     for attached in chosen:
         attached.module.merged = False  # the weights keep the update: detach must not take it out again
+        if rewritten_by(state, attached):
+            del state.originals[attached.path]  # the residual plus the update is the weight now, for good
     untied = [path for path in state.untied if path in {a.path for a in chosen}]
     for path in untied:
         del state.untied[path]  # the copies stay: they hold the merged update now

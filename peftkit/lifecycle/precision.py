@@ -13,7 +13,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from peftkit.lifecycle.attach import mergeable_choice, require_state
+from peftkit.lifecycle.merging import mergeable_choice
+from peftkit.lifecycle.state import require_state
 
 
 def merge_error(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, float]:

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -43,6 +44,8 @@ class ModelState:
     routing: Any = None  # an activation.Routing while `peftkit.route` is in effect
     # host path -> {parameter name: the shared Parameter} for tied hosts given their own copy by merge(untie=True)
     untied: dict[str, dict[str, nn.Parameter]] = field(default_factory=dict)
+    # host path -> (the adapter that rewrote its weight, a CPU copy of the host's original parameters by name)
+    originals: dict[str, tuple[str, dict[str, torch.Tensor]]] = field(default_factory=dict)
 
     def adapters(self, names: str | Iterable[str] | None = None) -> list[AttachedAdapter]:
         if names is None:

@@ -5,6 +5,7 @@
 - :mod:`~peftkit.sites.sublayer` — output and parallel sites around a sub-layer.
 - :mod:`~peftkit.sites.attention` — extra keys and values through transformers' attention-function registry.
 - :mod:`~peftkit.sites.input` — virtual tokens before the input embeddings.
+- :mod:`~peftkit.sites.experts` — fused mixture-of-experts parameters (3-D, one slice per expert).
 - :mod:`~peftkit.sites.tied` — which modules hold the same tensor (a tied LM head and input embedding).
 - :mod:`~peftkit.sites.structure` and :mod:`~peftkit.sites.placements` — where a model's attention, feed-forward
   and sub-layers are, found from its structure (the ``@place`` targets).
@@ -13,6 +14,7 @@ Importing this package registers every built-in kind. The names below are the pl
 """
 
 from peftkit.sites.attention import AttentionSite, check_extra_keys, prepend_keys
+from peftkit.sites.experts import ExpertParameter, ExpertsSite
 from peftkit.sites.input import InputSite
 from peftkit.sites.kinds import SiteContext, make_site, register_site_kind, site_kinds
 from peftkit.sites.placements import Places, places_of
@@ -36,6 +38,8 @@ __all__ = [
     "Conv1DSite",
     "Conv2dSite",
     "EmbeddingSite",
+    "ExpertParameter",
+    "ExpertsSite",
     "InputSite",
     "LinearSite",
     "Places",

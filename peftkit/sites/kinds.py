@@ -1,6 +1,6 @@
 """The table of site kinds: each kind of place an adapter can act at, and the function that builds such a site.
 
-A method's capabilities name its kind (``weight``, ``output``, ``parallel``, ``attention``, ``input``); targeting
+A method's capabilities name its kind (``weight``, ``output``, ``parallel``, ``attention``, ``input``, ``parameter``); targeting
 asks :func:`make_site` for a site of that kind on each candidate host and gets a site or a sentence saying why the
 host cannot have one. Each kind's module registers itself here, so a new kind is one module and one
 :func:`register_site_kind` call, and nothing here imports a kind.
@@ -23,12 +23,14 @@ _KINDS: dict[str, SiteFactory] = {}
 
 @dataclass(frozen=True)
 class SiteContext:
-    """Where a host sits: its path, the model's modules by path, and where the model's named places are."""
+    """Where a host sits: its path, the model's modules by path, and where the model's named places are; for a
+    ``parameter`` site, the names of the host's parameters the entry targets."""
 
     path: str
     modules: Mapping[str, nn.Module]
     places: Places | None
     root: nn.Module | None = None
+    parameters: tuple[str, ...] = ()
 
     @property
     def family(self) -> str | None:

@@ -345,7 +345,8 @@ def _checkpoint(
         "rng": distributed.gather_objects(_rng_state(), runtime),  # one per rank, restored when N matches
     }
     distributed.on_main(
-        runtime, lambda: checkpoints.write(output, lambda folder: save(model, folder, tensors=tensors), state)
+        runtime,
+        lambda: checkpoints.write(output, lambda folder: save(model, folder, tensors=tensors, portable=False), state),
     )
     return tensors
 

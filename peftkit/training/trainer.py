@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from peftkit.io import SPEC_FILE, restore_adapter_weights, save
 from peftkit.lifecycle.attach import get_state
@@ -67,7 +68,8 @@ class AdapterTrainer(Trainer):
         if not self.args.should_save:
             return None
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        save(model, output_dir)
+        # a checkpoint is written as trained, to resume from; the final model portable, for any original base
+        save(model, output_dir, portable=not Path(output_dir).name.startswith(PREFIX_CHECKPOINT_DIR))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_FILE))
@@ -95,4 +97,4 @@ class AdapterCheckpointCallback(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
         if model is None or not state.is_world_process_zero or get_state(model) is None:
             return
-        save(model, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        save(model, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", portable=False)
