@@ -144,11 +144,12 @@ class LoRAAdapter(Adapter):
     def removed_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return self.site.project_out_(out, self.site.project_in(x, self.initial_a), self.initial_b, self.scaling)
 
-    def portable_tensors(self) -> dict[str, torch.Tensor]:
+    def portable_tensors(self, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """[A; A0] and [B, -B0]: their product is B A - B0 A0, the change to W0 (HF PEFT's conversion)."""
+        a, b = own["lora_a"], own["lora_b"]
         return {
-            "lora_a": torch.cat([self.lora_a, self.initial_a.to(self.lora_a.dtype)]),
-            "lora_b": torch.cat([self.lora_b, -self.initial_b.to(self.lora_b.dtype)], dim=1),
+            "lora_a": torch.cat([a, self.initial_a.to(a.device, a.dtype)]),
+            "lora_b": torch.cat([b, -self.initial_b.to(b.device, b.dtype)], dim=1),
         }
 
     def merge(self) -> None:
@@ -426,7 +427,7 @@ class LoRA(Method):
             embedding = a.module.site.input_is_index
             names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
             held = (
-                a.module.portable_tensors()
+                a.module.portable_tensors({"lora_a": a.module.lora_a, "lora_b": a.module.lora_b})
                 if portable[a.path]
                 else {"lora_a": a.module.lora_a, "lora_b": a.module.lora_b}
             )

@@ -125,6 +125,12 @@ class ExpertLoRA(Method):
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             raise CheckpointError(f"target_parameters must be a list of parameter paths, got {targets!r}")
         refuse_features(peft_config, {"rank_pattern": {}, "alpha_pattern": {}, "lora_dropout": 0.0})
+        init = peft_config.get("init_lora_weights", True)
+        if init not in (True, False, "gaussian"):  # PiSSA, OLoRA, LoftQ...: the adapter fits a rewritten base only
+            raise CheckpointError(
+                f"the PEFT checkpoint was made with init_lora_weights={init!r}, which peftkit does not read for "
+                "target_parameters; only LoRA's own initialisations (true, false, 'gaussian') are"
+            )
         rank = peft_field(peft_config, "r", "count", 8)
         scaling_fields = {
             "r": rank,

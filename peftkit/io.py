@@ -98,10 +98,9 @@ def _write_portable(state: Any, tensors: dict[str, torch.Tensor]) -> Spec:
     adapters = {name: list(entries) for name, entries in state.spec.adapters.items()}
     for attached in (a for a in state.attached if rewrites_base(a)):
         prefix = f"{attached.path}.{ADAPTER_CONTAINER}.{attached.adapter_name}."
-        for key in [k for k in tensors if k.startswith(prefix)]:
-            del tensors[key]
+        own = {key[len(prefix) :]: tensors.pop(key) for key in [k for k in tensors if k.startswith(prefix)]}
         with torch.no_grad():
-            for name, tensor in attached.module.portable_tensors().items():
+            for name, tensor in attached.module.portable_tensors(own).items():
                 tensors[prefix + name] = tensor.detach().to("cpu").contiguous().clone()
         adapters[attached.adapter_name][attached.entry] = attached.method.portable_config(attached.config)
     return Spec(adapters=adapters, trainable=state.spec.trainable, compose=state.spec.compose)

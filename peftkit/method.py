@@ -157,9 +157,11 @@ class Adapter(nn.Module):
         attached but not running (inactive, or ``peftkit.disabled``), so the host computes what it did before."""
         raise NotImplementedError(f"{type(self).__name__} does not rewrite its host")
 
-    def portable_tensors(self) -> dict[str, torch.Tensor]:
+    def portable_tensors(self, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The adapter's tensors as an adapter of ``Method.portable_config`` would hold them, applied to the host's
-        original weight: what ``peftkit.save`` writes for an adapter that rewrote its host."""
+        original weight: what ``peftkit.save`` writes for an adapter that rewrote its host. ``own`` holds the
+        adapter's saved tensors by name (``lora_a``...), gathered whole when the model is sharded (FSDP2), so read
+        them from there rather than from the adapter's own, possibly sharded, parameters."""
         raise NotImplementedError(f"{type(self).__name__} does not rewrite its host")
 
     def merge(self) -> None:

@@ -85,3 +85,13 @@ def test_variant_cost_quick_times_every_arm_and_agrees_with_peft(run_quick) -> N
         assert row["train_step_s"] > 0 and row["forward_s"] > 0 and row["saved_for_backward_bytes"] > 0
     for diff in report["peftkit_vs_peft_max_abs_logit_diff"].values():
         assert diff < 1e-4  # the arms compute the same model
+
+
+def test_init_cost_quick_times_every_initialisation_and_agrees_with_peft(run_quick) -> None:
+    report = run_quick("init_cost")
+    assert report["benchmark"] == "init_cost"
+    arms = {row["arm"] for row in report["results"]}
+    assert {"peftkit kaiming", "peftkit pissa", "peftkit pissa, 4 iterations", "peftkit olora"} <= arms
+    assert all(row["attach_s"] >= 0 for row in report["results"])
+    for diff in report["peftkit_vs_peft_max_abs_residual_diff"].values():
+        assert diff < 1e-5  # the same residual weights as PEFT's

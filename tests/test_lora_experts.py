@@ -163,3 +163,54 @@ def test_two_adapters_on_one_experts_module_add_up_and_routing_is_refused():
     assert (_output(model) - both).abs().max() > 1e-3
     with pytest.raises(peftkit.AttachError, match="parameter site"), peftkit.route(model, ["default", "other"]):
         pass
+
+
+def test_routing_other_adapters_leaves_the_experts_alone_at_any_sequence_length():
+    model = _base()
+    spec = {
+        "adapters": {
+            "e": [{"method": "lora-experts", "target": EXPERTS}],
+            "q": [{"method": "lora", "target": "q_proj", "r": 2}],
+        }
+    }
+    peftkit.attach(model, spec)
+    _randomise([p for p in model.parameters() if p.requires_grad])
+    alone = peftkit.attach(_base(), {"adapters": {"q": spec["adapters"]["q"]}})
+    with torch.no_grad():
+        for name, parameter in alone.named_parameters():
+            if parameter.requires_grad:
+                parameter.copy_(dict(model.named_parameters())[name])
+    for length in (1, 5):
+        ids = torch.randint(3, 100, (2, length), generator=torch.Generator().manual_seed(length))
+        with torch.no_grad(), peftkit.route(model, ["q", None]):
+            routed = model(input_ids=ids).logits
+        with torch.no_grad():
+            _close(routed[0], alone(input_ids=ids).logits[0])
+            with peftkit.disabled(alone):
+                _close(routed[1], alone(input_ids=ids).logits[1])
+
+
+def test_an_interrupted_forward_leaves_no_adapted_parameter_behind():
+    model = _base()
+    base = _output(model)
+    peftkit.attach(model, _spec())
+    _randomise([p for p in model.parameters() if p.requires_grad])
+    adapted = _output(model)
+    experts = model.model.layers[0].mlp.experts
+
+    def interrupt(module, args, output):
+        raise KeyboardInterrupt
+
+    handle = experts.register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _output(model)
+    handle.remove()
+    _close(_output(model), adapted)  # the next forward starts from the original parameter, not W + update
+    assert isinstance(experts._parameters["gate_up_proj"], nn.Parameter)
+    with pytest.raises(KeyboardInterrupt):
+        handle = experts.register_forward_hook(interrupt)
+        _output(model)
+    handle.remove()
+    peftkit.detach(model)
+    assert isinstance(experts._parameters["gate_up_proj"], nn.Parameter)
+    assert torch.equal(_output(model), base)

@@ -144,26 +144,30 @@ def test_plan_says_which_base_weights_change_and_attach_changes_only_those():
         assert torch.equal(model.state_dict()[key], value) == (key not in rewritten), key
 
 
-def test_an_inactive_or_disabled_pissa_adapter_leaves_the_base_model_and_others_run_over_it():
+def test_an_inactive_or_disabled_pissa_adapter_leaves_the_base_model_and_others_run_beside_it():
     model = _base("llama-tiny")
     base = _output(model, "llama-tiny")
     peftkit.attach(model, _spec("llama-tiny", "pissa"))
-    peftkit.attach(model, {"adapters": {"other": [{"method": "lora", "target": "q_proj", "r": 2}]}})
+    other = {"adapters": {"other": [{"method": "lora", "target": "k_proj", "r": 2}]}}  # a module PiSSA left alone
+    peftkit.attach(model, other)
     _train([p for p in model.parameters() if p.requires_grad])
     with peftkit.disabled(model):
         _close(_output(model, "llama-tiny"), base)
     peftkit.activate(model, [])
     _close(_output(model, "llama-tiny"), base)
-    reference = _base("llama-tiny")  # "other" alone on the original base
-    peftkit.attach(reference, {"adapters": {"other": [{"method": "lora", "target": "q_proj", "r": 2}]}})
-    state = get_state(model)
+    reference = peftkit.attach(_base("llama-tiny"), other)  # "other" alone on the original base
     with torch.no_grad():
         for name, parameter in reference.named_parameters():
             if parameter.requires_grad:
                 parameter.copy_(dict(model.named_parameters())[name])
     peftkit.activate(model, "other")
-    assert state.active == {"other"}
     _close(_output(model, "llama-tiny"), _output(reference, "llama-tiny"))
+    with pytest.raises(peftkit.AttachError, match="rewrote the weight"), peftkit.route(model, ["default", None]):
+        pass
+    with peftkit.route(model, ["other", None]):  # routing the others is unaffected
+        routed = _output(model, "llama-tiny")
+    _close(routed[0], _output(reference, "llama-tiny")[0])
+    _close(routed[1], base[1])
 
 
 def test_a_checkpoint_as_trained_resumes_exactly_and_the_portable_one_is_plain_lora(tmp_path):
@@ -250,7 +254,7 @@ def test_bad_input_is_refused_by_name_with_the_model_unchanged():
     model = _base("llama-tiny")
     peftkit.attach(model, _spec("llama-tiny", "pissa"))
     second = {"adapters": {"second": [{"method": "lora", "target": "q_proj", "r": 2, "init": "olora"}]}}
-    _refused(model, second, peftkit.AttachError, "already rewrote", "'default'")
+    _refused(model, second, peftkit.AttachError, "'second' (lora) is on that module too", "'default'")
     weighted = {
         "adapters": {
             "x": [{"method": "lora", "target": "k_proj", "r": 2, "init": "pissa"}],
@@ -261,19 +265,14 @@ def test_bad_input_is_refused_by_name_with_the_model_unchanged():
     _refused(_base("llama-tiny"), weighted, peftkit.AttachError, "cannot be composed by 'gate'")
 
 
-def test_what_would_undo_a_rewrite_wrongly_is_refused_before_anything_changes():
+def test_a_rewritten_host_takes_no_other_adapter_and_is_not_trained_in_full_in_either_order():
     model = _base("llama-tiny")
-    peftkit.attach(model, {"adapters": {"other": [{"method": "lora", "target": "q_proj", "r": 2}]}})
+    peftkit.attach(model, {"adapters": {"other": [{"method": "dora", "target": "q_proj", "r": 2}]}})
+    _refused(model, _spec("llama-tiny", "pissa"), peftkit.AttachError, "'other' (dora) is on that module too")
     peftkit.merge(model, "other")
-    _refused(model, _spec("llama-tiny", "pissa"), peftkit.AttachError, "'other' is merged into it")
-    peftkit.unmerge(model)
-    peftkit.attach(model, _spec("llama-tiny", "pissa"))
-    peftkit.merge(model, "other")
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(peftkit.AttachError, match="unmerge it first"):
-        peftkit.detach(model, "default")
-    with pytest.raises(peftkit.AttachError, match="merge_and_detach both"):
-        peftkit.merge_and_detach(model, "other")
-    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
-    with pytest.raises(peftkit.AttachError, match="rewrote the weight"), peftkit.route(model, ["default", None]):
-        pass
+    _refused(model, _spec("llama-tiny", "olora"), peftkit.AttachError, "and merged into it")
+    model = peftkit.attach(_base("llama-tiny"), _spec("llama-tiny", "pissa"))
+    later = {"adapters": {"later": [{"method": "ia3", "target": "v_proj"}]}}
+    _refused(model, later, peftkit.AttachError, "'later' (ia3) is on that module too")
+    trained = {**_spec("llama-tiny", "pissa"), "trainable": ["layers.0.self_attn"]}
+    _refused(_base("llama-tiny"), trained, peftkit.AttachError, "trainable 'model.layers.0.self_attn'")

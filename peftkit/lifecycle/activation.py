@@ -101,10 +101,14 @@ def routed_output(
     container: Mapping[str, Adapter], routing: Routing, x: torch.Tensor, out: torch.Tensor
 ) -> torch.Tensor:
     """The host's output with each example's own adapter applied (called by the host hook while routing)."""
+    here = [container[name] if name is not None and name in container else None for name in routing.names]
+    if all(
+        a is None for a in here
+    ):  # no routed adapter at this host (its input need not be batch-first, e.g. an experts module)
+        return out
     if x.shape[0] != routing.index.shape[0]:
         raise AttachError(f"routing names {routing.index.shape[0]} examples, but the batch holds {x.shape[0]}")
     index = routing.index_on(out.device)
-    here = [container[name] if name is not None and name in container else None for name in routing.names]
     methods = {id(getattr(a, "peftkit_method", None)): getattr(a, "peftkit_method", None) for a in here if a}
     for method in methods.values():
         group = [a if a is not None and getattr(a, "peftkit_method", None) is method else None for a in here]

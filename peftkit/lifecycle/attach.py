@@ -24,15 +24,7 @@ from peftkit.errors import AttachError
 from peftkit.keys import ADAPTER_CONTAINER
 from peftkit.lifecycle.activation import routed_input, routed_output
 from peftkit.lifecycle.merging import merge, unmerge
-from peftkit.lifecycle.rewrite import (
-    refuse_baking_over_a_residual,
-    refuse_restoring_under_merged,
-    refuse_rewrites,
-    restore,
-    rewrite,
-    rewrites_base,
-    rewritten_by,
-)
+from peftkit.lifecycle.rewrite import refuse_rewrites, restore, rewrite, rewrites_base, rewritten_by
 from peftkit.lifecycle.state import STATE_ATTRIBUTE, AttachedAdapter, ModelState, get_state, require_state
 from peftkit.lifecycle.tied import follow, holders_to_follow
 from peftkit.method import Adapter, Method
@@ -145,7 +137,7 @@ def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path, *, act
         ],
     )
     _refuse_oversized(model, planned)
-    refuse_rewrites(model, previous, planned)
+    refuse_rewrites(model, previous, planned, plan_trainable_paths(model, combined))
     # A new module is in training mode; an adapter follows its host instead, so that attaching to a model in eval
     # mode does not switch on the adapter's dropout.
     built = [(item, item.method.create(item.config, item.site).train(item.module.training)) for item in planned]
@@ -302,7 +294,6 @@ def detach(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Mod
     """
     state = require_state(model)
     removing = state.adapters(names)
-    refuse_restoring_under_merged(state, removing)
     merged = [a for a in removing if a.module.merged]
     if merged:
         unmerge(model, sorted({a.adapter_name for a in merged}))
@@ -377,7 +368,6 @@ def merge_and_detach(model: nn.Module, names: str | Iterable[str] | None = None,
     the model's config stops asking transformers to tie the word embeddings again when it is saved and loaded."""
     state = require_state(model)
     chosen = [a for a in state.adapters(names) if names is not None or a.adapter_name in state.active]
-    refuse_baking_over_a_residual(state, chosen)
     merge(model, sorted({a.adapter_name for a in chosen}), untie=untie)
     for attached in chosen:
         attached.module.merged = False  # the weights keep the update: detach must not take it out again

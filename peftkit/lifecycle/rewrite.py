@@ -3,8 +3,9 @@
 Some initialisations move part of the pretrained weight into the adapter and leave a residual in the host (PiSSA's
 principal singular directions, OLoRA's QR factors): the adapter is then an identity at init only together with the
 residual. The core keeps the host's original parameters (a CPU copy, so GPU memory does not double), hands them
-back bit for bit at detach, and refuses, before anything changes, what could not be undone: a second rewriting
-adapter on one host, a host whose weight is merged into or shared with another module, a weight with no values.
+back bit for bit at detach, and refuses, before anything changes, what could not be undone or would change what
+something else computes: any other adapter on a rewritten host, a host trained in full (``trainable``) or whose
+weight is shared with another module, a weight with no values.
 """
 
 from __future__ import annotations
@@ -27,23 +28,42 @@ def rewrites_base(item: Any) -> bool:
     return item.method.capabilities_for(item.config).rewrites_base
 
 
-def refuse_rewrites(model: nn.Module, state: ModelState | None, planned: Iterable[Any]) -> None:
-    """Refuse, before the model is touched, a rewriting adapter whose change could not be undone exactly."""
-    attached = state.attached if state is not None else []
-    owner = {a.path: a.adapter_name for a in attached if rewrites_base(a)}
-    merged = {a.path: a.adapter_name for a in attached if a.module.merged}
+def refuse_rewrites(
+    model: nn.Module, state: ModelState | None, planned: list[Any], trainable: Iterable[str] = ()
+) -> None:
+    """Refuse, before the model is touched, a rewriting adapter whose change could not be undone exactly, or that
+    would change what another part of the spec computes: a host with a rewritten weight holds that adapter alone
+    (another adapter there reads the weight, DoRA its norm, a merge writes into it) and is not trained in full."""
+    everything = [*(state.attached if state is not None else []), *planned]
+    rewritten: dict[str, str] = {}  # host path -> the first adapter that rewrites it (attached before planned)
+    for item in everything:
+        if rewrites_base(item):
+            rewritten.setdefault(_path(item), _name(item))
+    if not rewritten:
+        return
+    for item in everything:
+        path, name = _path(item), _name(item)
+        if path in rewritten and name != rewritten[path]:
+            merged = isinstance(item, AttachedAdapter) and item.module.merged
+            raise AttachError(
+                f"adapter {rewritten[path]!r} rewrites the weight of {path!r} at attach (a residual in place of W0), "
+                f"and adapter {name!r} ({item.method.name}) is on that module too"
+                f"{' and merged into it' if merged else ''}: it would see the residual instead of the weight it "
+                "was made for. Put them on different modules, or use an initialisation that leaves the weight alone"
+            )
+    for path in trainable:
+        hit = sorted(p for p in rewritten if p == path or p.startswith(path + "."))
+        if hit:
+            raise AttachError(
+                f"trainable {path!r} trains {hit[0]!r} in full, whose weight adapter {rewritten[hit[0]]!r} rewrites "
+                "at attach: the saved weight would be the residual, and detach would drop its training. Leave it "
+                "out of trainable or out of the target"
+            )
     for item in planned:
         if not rewrites_base(item):
             continue
-        path, name, method = item.row.path, item.row.adapter, item.method.name
-        where = f"{method!r} (adapter {name!r}) at {path!r} rewrites its host's weight at attach"
-        if path in owner:
-            raise AttachError(
-                f"{where}, and adapter {owner[path]!r} already rewrote it; one host takes one such adapter: put the "
-                "second on other modules, or give it an initialisation that leaves the weight alone"
-            )
-        if path in merged:
-            raise AttachError(f"{where}, but adapter {merged[path]!r} is merged into it; unmerge it first")
+        path, name = item.row.path, item.row.adapter
+        where = f"{item.method.name!r} (adapter {name!r}) at {path!r} rewrites its host's weight at attach"
         shared = shared_parameters(model, path)
         if shared:
             other = next(iter(shared.values()))[0]
@@ -51,13 +71,19 @@ def refuse_rewrites(model: nn.Module, state: ModelState | None, planned: Iterabl
                 f"{where}, but its {', '.join(shared)} is the same tensor as {other!r}'s (tied weights), which "
                 "would change too; leave the tied module out of the target"
             )
-        weights = [p for p in item.module._parameters.values() if p is not None]
-        if any(p.is_meta for p in weights):
+        if any(p.is_meta for p in item.module._parameters.values() if p is not None):
             raise AttachError(
                 f"{where} from the weight's values, and the host is on the meta device; load or materialise the "
                 "model's weights first"
             )
-        owner[path] = name
+
+
+def _path(item: Any) -> str:
+    return item.path if isinstance(item, AttachedAdapter) else item.row.path
+
+
+def _name(item: Any) -> str:
+    return item.adapter_name if isinstance(item, AttachedAdapter) else item.row.adapter
 
 
 def rewrite(
@@ -80,35 +106,3 @@ def restore(state: ModelState, path: str, host: nn.Module) -> None:
 
 def rewritten_by(state: ModelState, attached: AttachedAdapter) -> bool:
     return state.originals.get(attached.path, (None,))[0] == attached.adapter_name
-
-
-def refuse_restoring_under_merged(state: ModelState, removing: list[AttachedAdapter]) -> None:
-    """Detaching a rewriting adapter puts the original weight back; an adapter that stays, merged into that host,
-    would lose its update (and its unmerge would subtract it from the original). Refused before anything changes."""
-    gone = {(a.path, a.adapter_name) for a in removing}
-    for attached in removing:
-        if not rewritten_by(state, attached):
-            continue
-        staying = [
-            a.adapter_name
-            for a in state.attached
-            if a.path == attached.path and a.module.merged and (a.path, a.adapter_name) not in gone
-        ]
-        if staying:
-            raise AttachError(
-                f"detaching {attached.adapter_name!r} restores the original weight of {attached.path!r}, where "
-                f"{staying} is merged; unmerge it first"
-            )
-
-
-def refuse_baking_over_a_residual(state: ModelState, chosen: list[AttachedAdapter]) -> None:
-    """``merge_and_detach`` keeps the merged weight for good; at a host whose weight is a residual left by an
-    adapter that is not baked with it, that adapter's detach would later restore the original and drop the update."""
-    baked = {(a.path, a.adapter_name) for a in chosen}
-    for attached in chosen:
-        owner = state.originals.get(attached.path, (None,))[0]
-        if owner is not None and (attached.path, owner) not in baked:
-            raise AttachError(
-                f"cannot bake {attached.adapter_name!r} into {attached.path!r}: its weight is the residual left by "
-                f"adapter {owner!r}, which is not baked with it; merge_and_detach both, or neither"
-            )

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from peftkit.keys import ADAPTER_CONTAINER
 from peftkit.sites.kinds import SiteContext, register_site_kind
@@ -70,18 +69,32 @@ class ExpertsSite:
         with torch.no_grad():
             parameter.copy_((widened(parameter) + self.as_stored(name, delta)).to(parameter.dtype))
 
-    def install(self, adapter: Any) -> list[RemovableHandle]:
+    def install(self, adapter: Any) -> list[Any]:
         """Hooks that put ``W + adapter.parameter_delta(name)`` in place of each parameter for one forward while
-        the adapter runs, and the originals back after it (also when the forward raises)."""
+        the adapter runs, and the originals back after it. torch runs an ``always_call`` hook after an Exception
+        but not after a KeyboardInterrupt, so the originals are also put back before the next forward's first
+        hook (``prepend``) and when the adapter is removed."""
+        stale = self.module.register_forward_pre_hook(_original_parameters_before, prepend=True)
         before = self.module.register_forward_pre_hook(functools.partial(_adapted_parameters, self, adapter))
         after = self.module.register_forward_hook(_original_parameters, always_call=True)
-        return [before, after]
+        return [stale, before, after, _RestoreOnRemove(self.module)]
+
+
+class _RestoreOnRemove:
+    """A handle whose ``remove`` (called when the adapter is detached) puts back any parameter still swapped."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def remove(self) -> None:
+        _original_parameters(self.module, None, None)
 
 
 def _running(module: nn.Module, adapter: Any) -> bool:
     container = module._modules.get(ADAPTER_CONTAINER)
     state = container.__dict__.get("_peftkit_state") if container is not None else None
-    if state is None or adapter.merged:
+    # while routing, only the routed adapters run, and route() refuses parameter-site ones
+    if state is None or adapter.merged or state.routing is not None:
         return False
     return any(a is adapter and name in state.active for name, a in container.items())
 
@@ -96,6 +109,10 @@ def _adapted_parameters(site: ExpertsSite, adapter: Any, module: nn.Module, args
         delta = site.as_stored(layout.name, adapter.parameter_delta(layout.name))
         # a plain tensor in the parameter's slot: the experts forward reads it by name, autograd reaches the adapter
         module._parameters[layout.name] = current + delta.to(current.dtype)
+
+
+def _original_parameters_before(module: nn.Module, args: Any) -> None:
+    _original_parameters(module, args, None)
 
 
 def _original_parameters(module: nn.Module, args: Any, output: Any) -> None:
