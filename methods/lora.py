@@ -238,6 +238,9 @@ class LoRA(Method):
     @classmethod
     def site_refusal(cls, config: LoRAConfig, site: WeightSite) -> str | None:
         most = min(site.in_features, site.out_features)
+        unwritable = site.merge_refusal() if config.init in REWRITING_INITS else None
+        if unwritable:
+            return f"init {config.init!r} writes a residual into the host's weight, and {unwritable}"
         if config.init in REWRITING_INITS and config.r > most:
             return (
                 f"r={config.r} is larger than any rank this weight can have (min(out_features, in_features) = "

@@ -20,6 +20,9 @@ from peftkit.errors import RegistryError
 from peftkit.method import Capabilities, Method, MethodConfig
 
 ENTRY_POINT_GROUP = "peftkit.methods"
+# Host types (a quantised linear layer of another library): each entry point is a callable that registers its
+# weight sites with peftkit.sites.register_weight_site when its library is installed, and does nothing otherwise.
+HOST_ENTRY_POINT_GROUP = "peftkit.hosts"
 
 _methods: dict[str, type[Method]] = {}
 _broken: dict[str, str] = {}  # entry-point name -> why it could not be registered
@@ -114,6 +117,18 @@ def _load_entry_points() -> None:
         else:
             _loaded_entries.add(entry.value)
             _broken.pop(entry.name, None)
+    for entry in entry_points(group=HOST_ENTRY_POINT_GROUP):
+        if entry.value in _loaded_entries:
+            continue
+        try:
+            entry.load()()
+        except Exception as error:  # a host plugin's failure leaves its hosts unregistered, reported by name
+            _broken[f"host:{entry.name}"] = (
+                f"host plugin {entry.name!r} ({entry.value}) failed to load: {type(error).__name__}: {error}"
+            )
+        else:
+            _loaded_entries.add(entry.value)
+            _broken.pop(f"host:{entry.name}", None)
 
 
 def rediscover() -> list[str]:

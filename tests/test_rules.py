@@ -190,15 +190,6 @@ def test_a_quantised_host_is_refused_by_name() -> None:
     assert get_state(model) is None and not hasattr(model[0], "peftkit_adapters")
 
 
-def test_a_bitsandbytes_4bit_host_is_refused_by_name() -> None:
-    bnb = pytest.importorskip("bitsandbytes")  # not a dependency: where it is installed, the real layer is checked
-    model = nn.Sequential(bnb.nn.Linear4bit(16, 16, quant_type="nf4")).to("cpu")  # .to quantises the weight
-    assert model[0].weight.dtype == torch.uint8
-    with pytest.raises(TargetingError, match="Linear4bit's weight is uint8, not floating point"):
-        peftkit.attach(model, lora("0"))
-    assert get_state(model) is None
-
-
 # -- adapters that take the base in ----------------------------------------------------------------------------
 def test_an_adapter_that_registers_its_host_is_refused_at_attach() -> None:
     from scale_method import ScaleAdapter

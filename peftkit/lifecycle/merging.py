@@ -27,7 +27,7 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None, *, untie: 
     """
     state = require_state(model)
     chosen = [a for a in mergeable_choice(state, names) if not a.module.merged]
-    refusals = [(a, reason) for a in chosen if (reason := a.module.merge_refusal())]
+    refusals = [(a, reason) for a in chosen if (reason := _host_refusal(a) or a.module.merge_refusal())]
     if refusals:
         attached, reason = refusals[0]
         raise AttachError(
@@ -100,3 +100,9 @@ def _retie(model: nn.Module, state: ModelState) -> None:
     for path in [p for p in state.untied if p not in still_merged]:
         for name, original in state.untied.pop(path).items():
             modules[path]._parameters[name] = original
+
+
+def _host_refusal(attached: AttachedAdapter) -> str | None:
+    """The host's own reason not to take a merge (its site's ``merge_refusal``: a quantised weight), if any."""
+    refusal = getattr(getattr(attached.module, "site", None), "merge_refusal", None)
+    return refusal() if callable(refusal) else None

@@ -27,7 +27,7 @@ from torch import nn
 
 from peftkit.errors import AttachError
 from peftkit.keys import ADAPTER_CONTAINER
-from peftkit.sites.kinds import register_site_kind
+from peftkit.sites.kinds import device_and_dtype, register_site_kind
 
 WRAPPER_PREFIX = "peftkit_"
 SUPPORTED = ("sdpa", "eager")
@@ -291,8 +291,7 @@ class AttentionSite:
         self.config = config
         self.num_heads, self.num_kv_heads, self.head_dim = layout.num_heads, layout.num_kv_heads, layout.head_dim
         self.hidden_size = getattr(config, "hidden_size", None) or self.num_heads * self.head_dim
-        parameter = next(module.parameters())
-        self.device, self.dtype = parameter.device, parameter.dtype
+        self.device, self.dtype = device_and_dtype(module)
 
     def install(self, adapter: object = None) -> list[_ImplementationSwitch]:
         return [_ImplementationSwitch(self.config)]

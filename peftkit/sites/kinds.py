@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 if TYPE_CHECKING:
@@ -52,3 +53,16 @@ def make_site(kind: str, module: nn.Module, context: SiteContext | None = None) 
     if factory is None:
         return f"site kind {kind!r} is not available in this version of peftkit; kinds: {', '.join(site_kinds())}"
     return factory(module, context)
+
+
+def device_and_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where and in which dtype an adapter for ``module`` is built: its first floating-point parameter's; for a
+    module whose weights are all packed integers (quantised linears), the ``compute_dtype`` its layers declare, else
+    float32. An adapter never lives in a storage dtype such as uint8."""
+    parameters = list(module.parameters())
+    floating = next((p for p in parameters if p.is_floating_point()), None)
+    if floating is not None:
+        return floating.device, floating.dtype
+    declared = (getattr(m, "compute_dtype", None) for m in module.modules())
+    dtype = next((d for d in declared if isinstance(d, torch.dtype)), torch.float32)
+    return parameters[0].device, dtype

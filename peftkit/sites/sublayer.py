@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from peftkit.sites.kinds import SiteContext, register_site_kind
+from peftkit.sites.kinds import SiteContext, device_and_dtype, register_site_kind
 from peftkit.sites.weight import Conv1D
 
 
@@ -59,8 +59,7 @@ class SublayerSite:
         self.in_features, self.out_features = in_features, out_features
         self.source = source
         self._captured: torch.Tensor | None = None
-        parameter = next(module.parameters())
-        self.device, self.dtype = parameter.device, parameter.dtype
+        self.device, self.dtype = device_and_dtype(module)
 
     def install(self, adapter: object = None) -> list[RemovableHandle]:
         """Extra hooks this site needs; a sub-layer read at another module's entry records that module's input."""

@@ -114,6 +114,11 @@ class WeightSite:
         scale = self.output_scale
         return b * (scale.to(device=b.device, dtype=b.dtype) if isinstance(scale, torch.Tensor) else scale)
 
+    def merge_refusal(self) -> str | None:
+        """Why an update cannot be folded into this host's weight (a quantised weight would be re-quantised), or
+        None; :func:`peftkit.merge` asks before any weight changes, and so does an adapter that rewrites its host."""
+        return None
+
     def weight_view(self) -> torch.Tensor:
         """The weight as (out_features, in_features) in its own dtype: a view, never a copy, for computations that
         must not materialise a second weight-sized tensor (a norm per output feature, a product with a thin factor)."""
@@ -314,9 +319,10 @@ def _unfollowable(module: nn.Module, module_type: type[nn.Module]) -> str | None
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and not (weight.is_floating_point() or weight.is_complex()):
         return (
-            f"{name}'s weight is {str(weight.dtype).removeprefix('torch.')}, not floating point (a quantised layer, "
-            "such as bitsandbytes' Linear4bit/Linear8bitLt): peftkit cannot adapt quantised hosts yet; load the "
-            "base in a floating-point dtype or leave this module out of the target"
+            f"{name}'s weight is {str(weight.dtype).removeprefix('torch.')}, not floating point (a quantised layer): "
+            "peftkit adapts a quantised layer type only through a host plugin (the peftkit.hosts entry points; "
+            "bitsandbytes' Linear4bit and Linear8bitLt are built in, docs/quantization.md); load the base in a "
+            "floating-point dtype or leave this module out of the target"
         )
     if type(module).forward is module_type.forward:
         return None
