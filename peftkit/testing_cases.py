@@ -4,6 +4,7 @@ input for each, and a spec entry whose selector hits modules the method can adap
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,9 +56,29 @@ def _seeded(factory: Callable[[], nn.Module], seed: int, dtype: torch.dtype) -> 
     def build() -> nn.Module:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
+            if factory in QUANTIZED_FACTORIES:  # packed weights: no dtype cast; train mode (see _quantized_family)
+                return factory()
             return factory().to(dtype).eval()
 
     return build
+
+
+def _quantized_mlp() -> nn.Module:
+    """bitsandbytes NF4 then int8 linears (64 wide: its CPU kernels block by 64 inputs), float32 compute. Kept in
+    train mode: in eval mode bitsandbytes' CPU inference repacks a 4-bit weight in place and computes in bf16."""
+    import bitsandbytes as bnb
+
+    first = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4")
+    second = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False)
+    return nn.Sequential(first, nn.Tanh(), second).to("cpu")  # .to quantises the weights
+
+
+QUANTIZED_FACTORIES: set[Callable[[], nn.Module]] = set()
+
+
+def _quantized_family(draw: st.DrawFn) -> tuple[Callable[[], nn.Module], Any]:
+    QUANTIZED_FACTORIES.add(_quantized_mlp)
+    return _quantized_mlp, ("randn", (2, draw(st.integers(1, 3)), 64))
 
 
 # Host families: each draws a small model holding some linear-like module types, and an input for it.
@@ -106,6 +127,8 @@ FAMILIES: dict[str, Callable[[st.DrawFn], tuple[Callable[[], nn.Module], Any]]] 
     "bert": _transformer_family("bert-tiny"),
     "qwen3-moe": _transformer_family("qwen3-moe-tiny"),  # fused 3-D expert parameters
 }
+if importlib.util.find_spec("bitsandbytes") is not None:  # quantised hosts, where bitsandbytes is installed
+    FAMILIES["quantized"] = _quantized_family
 
 
 def _make_input(recipe: tuple, seed: int, dtype: torch.dtype) -> Any:
@@ -163,7 +186,8 @@ def cases(draw: st.DrawFn, method: str, configs: st.SearchStrategy[dict[str, Any
     seed = draw(st.integers(0, 2**16))
     for family in draw(st.permutations(sorted(FAMILIES))):
         factory, recipe = FAMILIES[family](draw)
-        build = _seeded(factory, seed, dtype)
+        family_dtype = torch.float32 if factory in QUANTIZED_FACTORIES else dtype  # packed weights, fp32 compute
+        build = _seeded(factory, seed, family_dtype)
         model = build()
         hosts = _hosts(model, base_modules(model), get_method(method), config)
         modules = candidates_for(get_method(method), base_modules(model))  # what the selectors are matched against
@@ -194,4 +218,4 @@ def cases(draw: st.DrawFn, method: str, configs: st.SearchStrategy[dict[str, Any
     elif style in {"layers", "regex"}:
         entry["target"] = ["re:" + re.escape(p) for p in chosen]
     entry.update(fields)
-    return Case(family, build, _make_input(recipe, seed + 1, dtype), entry, dtype)
+    return Case(family, build, _make_input(recipe, seed + 1, family_dtype), entry, family_dtype)

@@ -160,3 +160,43 @@ def test_the_host_plugin_is_found_through_its_entry_point():
     model = copy.deepcopy(torch.nn.Sequential(bnb.nn.Linear4bit(64, 32, compute_dtype=torch.bfloat16)))
     planned = peftkit.plan(model, {"adapters": {"d": [{"method": "lora", "target": "0", "r": 2}]}})
     assert planned.rows[0].module_type == "Linear4bit"
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"method": "lora", "target": ["re:0", "re:2"], "r": 3},
+        {"method": "dora", "target": ["re:0", "re:2"], "r": 2},
+        {"method": "ia3", "target": ["re:0"], "feedforward": ["re:0"]},
+        {"method": "houlsby", "target": ["re:2"], "bottleneck": 4},
+    ],
+    ids=lambda entry: entry["method"],
+)
+@pytest.mark.parametrize(
+    "prop",
+    [
+        "identity_at_init",
+        "save_load_roundtrip",
+        "gradient_isolation",
+        "detach_restores",
+        "parameter_count_matches_formula",
+        "failed_attach_leaves_model_unchanged",
+    ],
+)
+def test_the_conformance_properties_hold_on_the_quantized_host_family(entry, prop):
+    """The suite draws this family among the others; here each property runs on it for sure (NF4 then int8)."""
+    from peftkit import testing
+    from peftkit.testing_cases import FAMILIES, QUANTIZED_FACTORIES, Case, _make_input, _quantized_mlp, _seeded
+
+    assert "quantized" in FAMILIES and FAMILIES["quantized"](lambda strategy: 2)[0] is _quantized_mlp
+    assert _quantized_mlp in QUANTIZED_FACTORIES
+    case = Case(
+        "quantized",
+        _seeded(_quantized_mlp, 0, torch.float32),
+        _make_input(("randn", (2, 3, 64)), 1, torch.float32),
+        entry,
+        torch.float32,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        testing.PROPERTIES[prop](case)
