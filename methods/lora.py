@@ -60,6 +60,11 @@ class LoRAConfig(MethodConfig):
         return self
 
 
+def lora_scaling(config: MethodConfig) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA: the scale of B A, for every config with r, alpha, rslora."""
+    return config.alpha / (math.sqrt(config.r) if config.rslora else config.r)
+
+
 # initialisations that move part of W0 into B A and leave the residual in the host
 REWRITING_INITS = frozenset({"pissa", "olora"})
 
@@ -99,7 +104,7 @@ class LoRAAdapter(Adapter):
         self.site = site
         self.rank = config.r
         self.b_lr_scale = config.lora_plus_ratio or 1.0
-        self.scaling = config.alpha / (math.sqrt(config.r) if config.rslora else config.r)
+        self.scaling = lora_scaling(config)
         self.dropout = 0.0 if site.input_is_index else config.dropout
         factory = {"device": site.device, "dtype": site.dtype}
         self.lora_a = nn.Parameter(torch.empty(config.r, site.in_features, **factory))

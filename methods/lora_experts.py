@@ -17,6 +17,7 @@ import math
 from typing import Literal
 
 import torch
+from peftkit_methods.lora import lora_scaling
 from pydantic import Field
 from torch import nn
 
@@ -38,7 +39,7 @@ class ExpertLoRAAdapter(Adapter):
         super().__init__()
         self.site = site
         self.rank = config.r
-        self.scaling = config.alpha / (math.sqrt(config.r) if config.rslora else config.r)
+        self.scaling = lora_scaling(config)
         self.b_lr_scale = config.lora_plus_ratio or 1.0
         factory = {"device": site.device, "dtype": site.dtype}
         self.lora_a = nn.ParameterDict(
@@ -138,7 +139,8 @@ class ExpertLoRA(Method):
             "rslora": peft_field(peft_config, "use_rslora", "flag", False),
         }
         hosts: dict[str, list[str]] = {}
-        for path, module in base_modules(model).items():
+        modules = base_modules(model)
+        for path, module in modules.items():
             for name, parameter in module._parameters.items():
                 key = f"{path}.{name}"
                 if parameter is not None and any(key == t or key.endswith("." + t) for t in targets):
@@ -148,7 +150,7 @@ class ExpertLoRA(Method):
         state: dict[str, torch.Tensor] = {}
         remaining = dict(tensors)
         for path, names in hosts.items():
-            module = dict(model.named_modules())[path]
+            module = modules[path]
             for name in names:
                 layout = expert_layout(module, name)
                 if isinstance(layout, str):

@@ -73,11 +73,10 @@ def _quantized_mlp() -> nn.Module:
     return nn.Sequential(first, nn.Tanh(), second).to("cpu")  # .to quantises the weights
 
 
-QUANTIZED_FACTORIES: set[Callable[[], nn.Module]] = set()
+QUANTIZED_FACTORIES: frozenset[Callable[[], nn.Module]] = frozenset({_quantized_mlp})
 
 
 def _quantized_family(draw: st.DrawFn) -> tuple[Callable[[], nn.Module], Any]:
-    QUANTIZED_FACTORIES.add(_quantized_mlp)
     return _quantized_mlp, ("randn", (2, draw(st.integers(1, 3)), 64))
 
 

@@ -58,16 +58,17 @@ class ExpertsSite:
     def dtype(self) -> torch.dtype:
         return self.module._parameters[self.parameters[0].name].dtype
 
-    def as_stored(self, name: str, delta: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def as_stored(layout: ExpertParameter, delta: torch.Tensor) -> torch.Tensor:
         """An (experts, out, in) update in the parameter's own layout (a view)."""
-        layout = next(p for p in self.parameters if p.name == name)
         return delta.transpose(1, 2) if layout.transposed else delta
 
     def add_to_parameter_(self, name: str, delta: torch.Tensor) -> None:
         """Add an (experts, out, in) update computed in float32 or wider; cast once to the parameter's dtype."""
         parameter = self.module._parameters[name]
+        layout = next(p for p in self.parameters if p.name == name)
         with torch.no_grad():
-            parameter.copy_((widened(parameter) + self.as_stored(name, delta)).to(parameter.dtype))
+            parameter.copy_((widened(parameter) + self.as_stored(layout, delta)).to(parameter.dtype))
 
     def install(self, adapter: Any) -> list[Any]:
         """Hooks that put ``W + adapter.parameter_delta(name)`` in place of each parameter for one forward while
@@ -106,7 +107,7 @@ def _adapted_parameters(site: ExpertsSite, adapter: Any, module: nn.Module, args
     for layout in site.parameters:
         current = module._parameters[layout.name]
         held.setdefault(layout.name, current)
-        delta = site.as_stored(layout.name, adapter.parameter_delta(layout.name))
+        delta = site.as_stored(layout, adapter.parameter_delta(layout.name))
         # a plain tensor in the parameter's slot: the experts forward reads it by name, autograd reaches the adapter
         module._parameters[layout.name] = current + delta.to(current.dtype)
 
