@@ -14,6 +14,7 @@ imports bitsandbytes only when it is installed.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import torch
@@ -36,6 +37,11 @@ class QuantizedLinearSite(WeightSite):
         """The dtype the layer computes in (adapters live there, never in the storage dtype)."""
         compute = getattr(self.module, "compute_dtype", None)
         return compute if isinstance(compute, torch.dtype) else torch.float32
+
+    def project_in(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``x`` in the adapter's dtype first: the layer casts its own input to the compute dtype, so the
+        activations that reach it may be wider (float32 norms over a bfloat16-compute layer) or narrower."""
+        return super().project_in(x if x.dtype == a.dtype else x.to(a.dtype), a)
 
     def project_out_(self, out: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
         """``out + scale * h Bᵀ``, out of place while autograd records: bitsandbytes returns its output from a
@@ -62,27 +68,68 @@ class QuantizedLinearSite(WeightSite):
     def write_weight_(self, matrix: torch.Tensor) -> None:
         raise RuntimeError(self.merge_refusal())
 
+    def weight_view(self) -> torch.Tensor:
+        """W dequantised, (out_features, in_features): a temporary, for the computation that asked for it."""
+        return self.dequantized_weight().to(self.dtype)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized(self, dtype: torch.dtype) -> nn.Linear:
+        """A plain ``nn.Linear`` computing this layer's map, its weight dequantised into ``dtype``."""
+        bias = self.module.bias
+        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=self.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.dequantized_weight())
+            if bias is not None:
+                linear.bias.copy_(bias)
+        return linear
+
 
 class Linear4bitSite(QuantizedLinearSite):
     bits = 4
 
-    def weight_view(self) -> torch.Tensor:
-        """W dequantised, (out_features, in_features): a temporary, for the computation that asked for it."""
+    def dequantized_weight(self) -> torch.Tensor:
+        """W in float32, read from the packed blocks (from a copy in bitsandbytes' own layout when its CPU
+        inference kernel has repacked them)."""
         import bitsandbytes.functional as bnb_functional
 
-        weight = self.module.weight
-        return bnb_functional.dequantize_4bit(weight.data, weight.quant_state).to(self.dtype)
+        data, state = self.module.weight.data, self.module.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            data, state = bnb_functional._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+        return bnb_functional.dequantize_4bit(data, state).to(torch.float32)
+
+    def requantized(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` after a round trip through this layer's 4-bit format (code book, block size, nested
+        statistics): what a merge into it would keep."""
+        import bitsandbytes.functional as bnb_functional
+
+        state = self.module.weight.quant_state
+        packed, new_state = bnb_functional.quantize_4bit(
+            weight.to(device=self.device, dtype=torch.float32).contiguous(),
+            blocksize=state.blocksize,
+            compress_statistics=bool(getattr(state, "nested", False)),
+            quant_type=state.quant_type,
+        )
+        return bnb_functional.dequantize_4bit(packed, new_state).to(weight.dtype)
 
 
 class Linear8bitSite(QuantizedLinearSite):
     bits = 8
 
-    def weight_view(self) -> torch.Tensor:
+    def dequantized_weight(self) -> torch.Tensor:
         weight = self.module.weight
         scales = getattr(weight, "SCB", None)
         if scales is None:
             scales = self.module.state.SCB
-        return (weight.data.to(torch.float32) * (scales.to(torch.float32)[:, None] / 127.0)).to(self.dtype)
+        return weight.data.to(torch.float32) * (scales.to(torch.float32)[:, None] / 127.0)
+
+    def requantized(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` after LLM.int8()'s row-wise absmax round trip, from float16 as bitsandbytes quantises."""
+        import bitsandbytes.functional as bnb_functional
+
+        rows, scales, _ = bnb_functional.int8_vectorwise_quant(weight.to(device=self.device, dtype=torch.float16))
+        return (rows.to(torch.float32) * (scales.to(torch.float32)[:, None] / 127.0)).to(weight.dtype)
 
 
 def register() -> None:

@@ -87,13 +87,15 @@ class BottleneckAdapter(Adapter):
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         source = self.site.sublayer_input(x) if self.parallel else out
+        # the stream may be wider than the adapter (float32 activations around bfloat16-compute quantised layers)
+        source = source.to(self.down.weight.dtype)
         if self.layer_norm is not None:
             source = self.layer_norm(source)
         hidden = self.activation(self.down(source))  # "... d -> ... width"
         if self.dropout is not None:
             hidden = self.dropout(hidden)
         # one fused scaled add, not in place: for a sequential adapter `out` is saved by down
-        return torch.add(out, self.up(hidden), alpha=self.scaling)
+        return torch.add(out, self.up(hidden).to(out.dtype), alpha=self.scaling)
 
 
 class _Bottleneck(Method):

@@ -63,8 +63,9 @@ class DoRAAdapter(LoRAAdapter):
         temporary (the expansion in the module docstring)."""
         with torch.no_grad():
             weight = self.site.weight_view()  # (d_out, d_in), a view in the weight's dtype
-            a, b = widened(self.lora_a), widened(self.lora_b)
-            squared = torch.linalg.vector_norm(weight, dim=1, dtype=a.dtype).square()
+            wide = torch.promote_types(widened(self.lora_a).dtype, weight.dtype)  # float64 for merge_error's exact
+            a, b = self.lora_a.to(wide), self.lora_b.to(wide)
+            squared = torch.linalg.vector_norm(weight, dim=1, dtype=wide).square()
             # the adapter may be wider than its base (fp32 adapters over a bf16 base): A meets W in W's dtype
             squared += 2.0 * self.scaling * (b * widened(weight @ self.lora_a.to(weight.dtype).t())).sum(dim=1)
             squared += self.scaling**2 * ((b @ (a @ a.t())) * b).sum(dim=1)

@@ -31,6 +31,7 @@ from peftkit.lifecycle.merging import merge, unmerge
 from peftkit.lifecycle.optimizer import parameter_groups
 from peftkit.lifecycle.precision import merge_error
 from peftkit.method import ALL_RULES, DEFAULT_RULES, Adapter, Capabilities, Method, MethodConfig, ParameterGroup
+from peftkit.quantization import Quantization, load_quantized, prepare_for_kbit_training
 from peftkit.registry import (
     broken_plugins,
     get_method,
@@ -58,6 +59,7 @@ __all__ = [
     "PeftkitError",
     "Plan",
     "PlanRow",
+    "Quantization",
     "RegistryError",
     "Spec",
     "SpecError",
@@ -77,11 +79,13 @@ __all__ = [
     "known_methods",
     "load",
     "load_adapter",
+    "load_quantized",
     "merge",
     "merge_and_detach",
     "merge_error",
     "parameter_groups",
     "plan",
+    "prepare_for_kbit_training",
     "read_spec",
     "rediscover",
     "register_method",

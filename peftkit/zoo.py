@@ -14,6 +14,7 @@ from torch import nn
 
 from peftkit.errors import PeftkitError
 from peftkit.io import read_json_object
+from peftkit.quantization import Quantization, load_quantized, quantize_built_model, require_backend
 
 
 def _gpt2(**overrides):
@@ -194,13 +195,24 @@ def build_model(name_or_path: str, *, meta: bool = False) -> nn.Module:
     return construct()
 
 
-def load_model(name_or_path: str, *, pretrained: bool = False) -> nn.Module:
+def load_model(
+    name_or_path: str,
+    *,
+    pretrained: bool = False,
+    quantization: Quantization | None = None,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
     """``build_model``, or with ``pretrained`` a local transformers folder's weights (never fetched from a hub).
 
     The class is the folder's first ``architectures`` entry when transformers knows it (so a sequence classifier
-    keeps its head), else a causal LM."""
+    keeps its head), else a causal LM. With ``quantization`` the model is loaded quantised onto ``device`` through
+    transformers' ``quantization_config`` path (a built model is written to a temporary folder first); without it,
+    ``device`` is ignored (the caller moves the model)."""
+    if quantization is not None:
+        require_backend(quantization.backend)  # before a large model is built or read
     if not pretrained:
-        return build_model(name_or_path)
+        model = build_model(name_or_path)
+        return model if quantization is None else quantize_built_model(model, quantization, device=device)
     path = Path(name_or_path)
     if not (path / "config.json").is_file():
         raise PeftkitError(f"model {name_or_path!r}: pretrained needs a local folder with config.json and weights")
@@ -216,6 +228,8 @@ def load_model(name_or_path: str, *, pretrained: bool = False) -> nn.Module:
     model_class = getattr(transformers, first, None) if isinstance(first, str) else None
     if not (isinstance(model_class, type) and hasattr(model_class, "from_pretrained")):
         model_class = transformers.AutoModelForCausalLM
+    if quantization is not None:
+        return load_quantized(path, quantization, device=device, model_class=model_class)
     try:
         return model_class.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as error:  # damaged or mismatched weight files

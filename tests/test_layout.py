@@ -17,7 +17,7 @@ LAYERS = [
     {"spec", "registry", "method", "compose", "layers"},
     {"targeting"},
     {"lifecycle"},
-    {"io", "zoo"},
+    {"io", "zoo", "quantization"},
     {"interop"},
     {"training"},
     {"__init__", "__main__", "cli", "testing", "testing_cases"},

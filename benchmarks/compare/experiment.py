@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from peftkit.quantization import Quantization
+
 DEFAULT_EXPERIMENT = "minilm-rt-sentiment"
 
 
@@ -83,10 +85,22 @@ class Arm(Strict):
     lr: float = Field(gt=0)
     head_lr: float | None = Field(default=None, gt=0, description="learning rate of the new classifier head")
     weight_decay: float = Field(default=0.0, ge=0)
+    quantization: Quantization | None = Field(
+        default=None, description="load the base quantised for this arm (QLoRA: {bits: 4, type: nf4})"
+    )
 
     @property
     def is_full(self) -> bool:
         return self.spec is None
+
+    @model_validator(mode="after")
+    def _quantized_arms_train_adapters(self) -> Arm:
+        if self.quantization is not None and self.spec is None:
+            raise ValueError(
+                f"arm {self.name!r}: a quantised base cannot be fully fine-tuned (its weights are packed integers); "
+                "give the arm a spec, or drop quantization"
+            )
+        return self
 
     @field_validator("spec")
     @classmethod

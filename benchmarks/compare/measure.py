@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from peftkit.lifecycle.attach import stored_values
+
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
@@ -110,7 +112,7 @@ class SavedActivations:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, each shared parameter counted once."""
     parameters = unique_parameters(model)
-    return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
+    return sum(stored_values(p) for p in parameters if p.requires_grad), sum(stored_values(p) for p in parameters)
 
 
 def reset_cuda_peak(device: torch.device) -> None:

@@ -16,6 +16,8 @@ import torch
 from peftkit_benchmarks.compare.experiment import Arm, ModelSource
 from torch import nn
 
+from peftkit.quantization import Quantization
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched: the weights ship in a package
 
 
@@ -96,13 +98,22 @@ class LoadedModel:
     head: set[str]  # parameter names the checkpoint did not have: the new task head
 
 
-def load_model(source: ModelSource, num_labels: int | None, seed: int) -> LoadedModel:
+def load_model(
+    source: ModelSource,
+    num_labels: int | None,
+    seed: int,
+    quantization: Quantization | None = None,
+    device: torch.device | str = "cpu",
+) -> LoadedModel:
     """Pretrained model with a new classification head, initialised from ``seed``; with ``num_labels`` None
-    (a generation task) the causal LM as it is, with no new head."""
+    (a generation task) the causal LM as it is, with no new head. With ``quantization`` the base is loaded
+    quantised onto ``device`` by transformers (the new head stays in floating point, to be trained)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     quiet_transformers()
     torch.manual_seed(seed)
+    if quantization is not None:
+        return _load_quantized(source, num_labels, quantization, device)
     folder = model_folder(source)
     if num_labels is None:
         if source.random_init is not None:
@@ -120,6 +131,31 @@ def load_model(source: ModelSource, num_labels: int | None, seed: int) -> Loaded
     return LoadedModel(model, set(info["missing_keys"]))
 
 
+def _load_quantized(
+    source: ModelSource, num_labels: int | None, quantization: Quantization, device: torch.device | str
+) -> LoadedModel:
+    """The same base as :func:`load_model`'s, through transformers' quantised loading path."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from peftkit.quantization import load_quantized, quantize_built_model
+
+    folder = model_folder(source)
+    labels = {} if num_labels is None else {"num_labels": num_labels}
+    model_class = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
+    if source.random_init is not None:
+        built = model_class.from_config(AutoConfig.from_pretrained(folder, **labels, **source.random_init))
+        head = {n for n, _ in built.named_parameters() if n.startswith("classifier.")} if labels else set()
+        return LoadedModel(quantize_built_model(built, quantization, device=device), head)
+    options = {"output_loading_info": True, **labels} if labels else {}
+    loaded = load_quantized(folder, quantization, device=device, model_class=model_class, **options)
+    model, info = loaded if labels else (loaded, {"missing_keys": []})
+    head = set(info["missing_keys"])
+    packed = sorted(n for n, p in model.named_parameters() if n in head and not p.is_floating_point())
+    if packed:
+        raise ValueError(f"the new head {packed} was quantised; add its module to quantization.skip_modules")
+    return LoadedModel(model, head)
+
+
 def prepare_arm(model: nn.Module, arm: Arm, seed: int) -> nn.Module:
     """Make ``model`` the arm's trainable model; the returned module is the one to train and call."""
     torch.manual_seed(seed + 1)  # adapter initialisation depends on the seed, not on what ran before
@@ -130,16 +166,42 @@ def prepare_arm(model: nn.Module, arm: Arm, seed: int) -> nn.Module:
     if arm.peer == "peft":
         from peftkit_benchmarks.compare.peers import peft_model
 
+        if arm.quantization is not None:  # each library's own preparation for k-bit training
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return peft_model(model, arm.spec or {})
     import peftkit
 
+    if arm.quantization is not None:
+        peftkit.prepare_for_kbit_training(model)
     return peftkit.attach(model, arm.spec)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of everything the model holds in its state dict (packed weights and their quantisation statistics
+    included), each storage once: what the arm keeps in memory as weights."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for tensor in model.state_dict().values():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def place(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move a model to the device, unless transformers loaded it quantised there already (it cannot move)."""
+    return model if getattr(model, "hf_quantizer", None) is not None else model.to(device)
 
 
 def merged_copy(model: nn.Module, arm: Arm) -> nn.Module | None:
     """A copy with the adapters folded into the weights, or None when the arm has nothing to merge or a method
     that cannot be merged (adapter layers, prefix and prompt tuning: their latency is what "unmerged" shows)."""
-    if arm.is_full:
+    if arm.is_full or arm.quantization is not None:  # merging into 4 bits re-quantises (refused)
         return None
     merged = copy.deepcopy(model)
     if arm.peer == "peft":

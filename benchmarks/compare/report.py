@@ -67,6 +67,7 @@ def summarise_arm(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "base_parameters": first["base_parameters"],
         "trainable_percent_of_base": 100.0 * first["trainable_parameters"] / first["base_parameters"],
         "checkpoint_bytes": int(median([r["checkpoint_bytes"] for r in runs])),
+        "weight_bytes": memory[0].get("weight_bytes"),
         "accuracy": {
             "mean": statistics.fmean(accuracies),
             "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
@@ -115,6 +116,9 @@ def ratios_to(reference: str, arm: str, by_arm: dict[str, list[dict[str, Any]]],
     return {
         "trainable_parameters": ours["trainable_parameters"] / ref["trainable_parameters"],
         "checkpoint_bytes": ours["checkpoint_bytes"] / ref["checkpoint_bytes"],
+        "weight_bytes": ours["weight_bytes"] / ref["weight_bytes"]
+        if ours["weight_bytes"] and ref["weight_bytes"]
+        else None,
         "step_seconds_paired_probe": probe_ratio,
         "step_seconds_separate_runs": paired(lambda r: r["median_step_seconds"]),
         "peak_rss": paired(lambda r: r["memory"]["peak_rss_bytes"]),
@@ -133,12 +137,18 @@ def build_report(experiment: Experiment, raw: dict[str, Any], env: dict[str, Any
     summary = {name: summarise_arm(runs) for name, runs in by_arm.items()}
     full = next((arm.name for arm in experiment.arms if arm.is_full and arm.name in by_arm), None)
     ratios = {name: ratios_to(full, name, by_arm, summary, raw.get("probe")) for name in by_arm} if full else {}
+    peer_ratios = {
+        name: ratios_to(f"{name}-peft", name, by_arm, summary, raw.get("probe"))
+        for name in by_arm
+        if f"{name}-peft" in by_arm
+    }
     return {
         "experiment": experiment.model_dump(mode="json"),
         "environment": env,
         "reference_arm": full,
         "arms": summary,
         "ratios_to_full": ratios,
+        "ratios_to_peer": peer_ratios,
         "probe": raw.get("probe"),
         "runs": raw["runs"],
     }
@@ -180,17 +190,31 @@ def markdown(report: dict[str, Any]) -> str:
         f"{env['dtype']}, torch {env['versions']['torch']}, transformers {env['versions']['transformers']}, "
         f"peftkit {env['versions']['peftkit']}, {env['utc']}; OMP_WAIT_POLICY {env['omp_wait_policy']}",
         "",
-        "| arm | trainable params | % of base | checkpoint | accuracy % (mean ± sd, n) | Δ vs full (points) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| arm | trainable params | % of base | checkpoint | weights in memory | accuracy % (mean ± sd, n) "
+        "| Δ vs full (points) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, s in arms.items():
         acc, r = s["accuracy"], ratios.get(name, {})
         delta = r.get("accuracy_points")
         lines.append(
             f"| {name} | {s['trainable_parameters']:,} | {s['trainable_percent_of_base']:.3f} | "
-            f"{_size(s['checkpoint_bytes'])} | {100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} ({len(acc['per_seed'])}) "
+            f"{_size(s['checkpoint_bytes'])} | {_size(s.get('weight_bytes'))} | "
+            f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} ({len(acc['per_seed'])}) "
             f"| {'—' if delta is None else f'{delta:+.2f}'} |"
         )
+    peers = report.get("ratios_to_peer") or {}
+    if peers:
+        lines += [
+            "",
+            "| arm ÷ its HF PEFT twin | step (paired) | peak RSS | weights in memory | accuracy Δ (points) |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for name, r in peers.items():
+            lines.append(
+                f"| {name} ÷ {name}-peft | {_x(r.get('step_seconds_paired_probe'))} | {_x(r.get('peak_rss'))} | "
+                f"{_x(r.get('weight_bytes'))} | {r['accuracy_points']:+.2f} |"
+            )
     memory_header = "CUDA peak allocated" if env["device"].startswith("cuda") else "peak RSS (growth)"
     lines += [
         "",
@@ -227,7 +251,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Latency: one forward of a {shape[0]} × {shape[1]}-token batch, median of {budget['latency_repeats']} "
         'round-robin calls in the first seed\'s run of each arm; for full fine-tuning "unmerged" is the trained model. '
-        "Step ÷ full (paired): median of per-step ratios from one process alternating the arms on the same "
+        "Weights in memory: every tensor of the model's state dict once (packed 4-bit weights and their "
+        "quantisation statistics included). Step ÷ full (paired): median of per-step ratios from one process alternating the arms on the same "
         "batches. Peak RSS is each arm's own worker process; growth = peak minus the RSS just before the model was "
         "loaded (after imports, data and tokenizer). Saved activations: the bytes autograd kept for the backward of "
         "each seed's first batch (the same batch for every arm), counted exactly. "

@@ -58,9 +58,9 @@ class Setup:
 
     def build(self, arm: Arm, seed: int) -> tuple[torch.nn.Module, set[str], int]:
         """The arm's model on the device, its head parameter names, and the base model's parameter count."""
-        loaded = modeling.load_model(self.experiment.model, self.num_labels, seed)
+        loaded = modeling.load_model(self.experiment.model, self.num_labels, seed, arm.quantization, self.device)
         base_total = measure.count_parameters(loaded.model)[1]
-        model = modeling.prepare_arm(loaded.model, arm, seed).to(self.device)
+        model = modeling.place(modeling.prepare_arm(loaded.model, arm, seed), self.device)
         return model, loaded.head, base_total
 
     def optimizer(self, model: torch.nn.Module, arm: Arm, head: set[str]):
@@ -106,6 +106,7 @@ def run_arm(job: dict[str, Any]) -> dict[str, Any]:
         "rss_before_training_bytes": rss_before_training,
         "cuda_peak_allocated_bytes": measure.cuda_peak_bytes(setup.device),
         "parameter_bytes": measure.parameter_bytes(model),
+        "weight_bytes": modeling.weight_bytes(model),
         "gradient_bytes": grad_bytes[0],
         "optimizer_state_bytes": measure.optimizer_state_bytes(optimizer),
         "saved_activation_bytes": saved.bytes,
@@ -146,7 +147,8 @@ def measure_latency(setup: Setup, arm: Arm, seed: int, model: torch.nn.Module, t
     rows = list(range(min(budget.latency_batch_size, len(test_set))))
     batch = data.collate(test_set, rows, setup.pad_id, width=max_length)
     batch = train.to_device({k: v for k, v in batch.items() if k != "labels"}, setup.device)
-    base = modeling.load_model(setup.experiment.model, setup.num_labels, seed).model.to(setup.device)
+    base = modeling.load_model(setup.experiment.model, setup.num_labels, seed, arm.quantization, setup.device).model
+    base = modeling.place(base, setup.device)  # the arm's own base: quantised for a quantised arm
     variants = {"base": base, "unmerged": model}
     merged = modeling.merged_copy(model, arm)
     if merged is not None:

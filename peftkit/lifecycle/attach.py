@@ -23,7 +23,8 @@ from peftkit.compose import Gates, check_rules, compose_output, gate_name
 from peftkit.errors import AttachError
 from peftkit.keys import ADAPTER_CONTAINER
 from peftkit.lifecycle.activation import routed_input, routed_output
-from peftkit.lifecycle.merging import merge, unmerge
+from peftkit.lifecycle.dequantize import dequantized_hosts, install_dequantized
+from peftkit.lifecycle.merging import merge, mergeable_choice, unmerge
 from peftkit.lifecycle.rewrite import refuse_rewrites, restore, rewrite, rewrites_base, rewritten_by
 from peftkit.lifecycle.state import STATE_ATTRIBUTE, AttachedAdapter, ModelState, get_state, require_state
 from peftkit.lifecycle.tied import follow, holders_to_follow
@@ -359,16 +360,40 @@ def _rename_gates(model: nn.Module, new_index: dict[int, int]) -> None:
                 container[gate_name(new_index[old])] = module_gates
 
 
-def merge_and_detach(model: nn.Module, names: str | Iterable[str] | None = None, *, untie: bool = False) -> nn.Module:
+def merge_and_detach(
+    model: nn.Module,
+    names: str | Iterable[str] | None = None,
+    *,
+    untie: bool = False,
+    dequantize: torch.dtype | None = None,
+) -> nn.Module:
     """Bake adapters (the active ones, or the named ones) into the base weights for good and remove them.
 
     What is left is a plain model with no hooks and no adapter modules, for export or serving (HF PEFT's
     ``merge_and_unload``). Refused up front, like :func:`merge`, if a chosen adapter cannot be merged or its host
     shares a weight with another module; with ``untie=True`` such a host keeps its own merged copy for good, and
-    the model's config stops asking transformers to tie the word embeddings again when it is saved and loaded."""
+    the model's config stops asking transformers to tie the word embeddings again when it is saved and loaded.
+
+    A quantised base refuses a merge into its packed weights; ``dequantize=torch.bfloat16`` (or float32) instead
+    replaces every quantised layer by a plain one holding its dequantised weight with the updates merged, and
+    casts the model to that dtype: a floating-point model that computes what the adapters did over the quantised
+    base, up to the dequantisation's rounding."""
     state = require_state(model)
+    if isinstance(names, str):
+        names = [names]
     chosen = [a for a in state.adapters(names) if names is not None or a.adapter_name in state.active]
-    merge(model, sorted({a.adapter_name for a in chosen}), untie=untie)
+    if dequantize is not None:
+        mergeable_choice(state, names)  # a method that cannot merge is refused before any dequantising
+    replacements = {} if dequantize is None else dequantized_hosts(model, state, chosen, dequantize)
+    premerged = [a for a in chosen if a.path in replacements and not a.module.merged]
+    for attached in premerged:
+        attached.module.merged = True  # their updates are in the replacements: merge() passes them by
+    try:
+        merge(model, sorted({a.adapter_name for a in chosen}), untie=untie)
+    except BaseException:
+        for attached in premerged:
+            attached.module.merged = False
+        raise
     for attached in chosen:
         attached.module.merged = False  # the weights keep the update: detach must not take it out again
         if rewritten_by(state, attached):
@@ -382,7 +407,8 @@ def merge_and_detach(model: nn.Module, names: str | Iterable[str] | None = None,
         for holder in {id(c): c for c in (config, text_config) if c is not None}.values():
             if getattr(holder, "tie_word_embeddings", False):
                 holder.tie_word_embeddings = False
-    return detach(model, sorted({a.adapter_name for a in chosen}))
+    detach(model, sorted({a.adapter_name for a in chosen}))
+    return model if dequantize is None else install_dequantized(model, replacements, dequantize)
 
 
 def fold(model: nn.Module) -> nn.Module:
@@ -426,6 +452,14 @@ def trainable_parameters(model: nn.Module) -> TrainableParameters:
         if id(parameter) in seen:
             continue
         seen.add(id(parameter))
-        total += parameter.numel()
-        trainable += parameter.numel() if parameter.requires_grad else 0
+        count = stored_values(parameter)
+        total += count
+        trainable += count if parameter.requires_grad else 0
     return TrainableParameters(trainable, total)
+
+
+def stored_values(parameter: torch.Tensor) -> int:
+    """How many weight values a parameter stands for: its element count, or for a packed quantised parameter (two
+    4-bit values per byte) the shape its quantisation state records."""
+    shape = getattr(getattr(parameter, "quant_state", None), "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else parameter.numel()

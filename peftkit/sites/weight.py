@@ -119,6 +119,18 @@ class WeightSite:
         None; :func:`peftkit.merge` asks before any weight changes, and so does an adapter that rewrites its host."""
         return None
 
+    def dequantized(self, dtype: torch.dtype) -> nn.Module | None:
+        """For a host whose weight is stored quantised: a new floating-point module of ``dtype`` computing the same
+        map (``merge_and_detach(dequantize=...)`` merges into it and puts it in the host's place). None for a
+        host that already holds floating-point weights."""
+        return None
+
+    def requantized(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """For a quantised host: ``weight`` (out_features, in_features) after a round trip through the host's
+        storage format, what merging into it would keep (:func:`peftkit.merge_error` reports the difference).
+        None for a floating-point host, whose rounding is its dtype's."""
+        return None
+
     def weight_view(self) -> torch.Tensor:
         """The weight as (out_features, in_features) in its own dtype: a view, never a copy, for computations that
         must not materialise a second weight-sized tensor (a norm per output feature, a product with a thin factor)."""

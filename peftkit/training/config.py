@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from peftkit.errors import SpecError
+from peftkit.quantization import Quantization
 from peftkit.spec import Spec, _format_validation_error
 from peftkit.untrusted import parse_yaml
 
@@ -23,6 +24,9 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     name: str = Field(description="a zoo name (llama-tiny...) or a local folder with config.json (and weights)")
     pretrained: bool = Field(default=False, description="load the folder's weights (from_pretrained), not random ones")
+    quantization: Quantization | None = Field(
+        default=None, description="load the base quantised (QLoRA: bits 4, type nf4) through transformers"
+    )
 
 
 class DataConfig(_Strict):
@@ -62,6 +66,9 @@ class TrainConfig(_Strict):
     steps: int = Field(gt=0)
     batch_size: int = Field(default=8, gt=0)
     precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: autocast; weights stay fp32")
+    gradient_checkpointing: bool = Field(
+        default=False, description="recompute each block's activations in the backward: less memory, more time"
+    )
     seed: int = 0
     output: str = Field(description="folder for checkpoints and the final adapters")
     checkpoint_every: int = Field(default=50, gt=0)
@@ -75,6 +82,15 @@ class TrainConfig(_Strict):
     def _spec_validates(self) -> TrainConfig:
         if isinstance(self.spec, dict):
             Spec.model_validate(self.spec)
+        return self
+
+    @model_validator(mode="after")
+    def _quantized_bases_are_not_sharded(self) -> TrainConfig:
+        if self.model.quantization is not None and self.distributed.strategy == "fsdp2":
+            raise ValueError(
+                "model.quantization with distributed.strategy fsdp2: FSDP2 shards floating-point parameters and a "
+                "quantised base's are packed integers; use strategy ddp (each process holds the small 4-bit base)"
+            )
         return self
 
     def resolved_spec(self, base: Path) -> Spec:

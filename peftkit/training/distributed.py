@@ -153,7 +153,8 @@ def wrap(model: nn.Module, strategy: Strategy, runtime: Runtime) -> nn.Module:
     Only parameters with ``requires_grad`` (the adapters) get gradients, so only they are all-reduced (DDP) or
     reduce-scattered (FSDP2); FSDP2 shards the frozen base as well, which is where its memory saving comes from.
     """
-    model.to(runtime.device)
+    if getattr(model, "hf_quantizer", None) is None:  # a quantised model was loaded onto its device
+        model.to(runtime.device)
     if not runtime.distributed:
         return model
     if strategy == "ddp":

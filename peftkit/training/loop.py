@@ -30,6 +30,7 @@ from peftkit.io import SPEC_FILE, _saved_parameters, restore_adapter_weights, sa
 from peftkit.lifecycle.attach import attach
 from peftkit.lifecycle.optimizer import parameter_groups
 from peftkit.lifecycle.precision import merge_error
+from peftkit.quantization import enable_gradient_checkpointing, prepare_for_kbit_training
 from peftkit.training.config import TrainConfig
 from peftkit.training.distributed import Runtime
 from peftkit.untrusted import parse_json
@@ -123,10 +124,17 @@ def _schedule(config: TrainConfig):
     return factor
 
 
-def _build_model(config: TrainConfig) -> nn.Module:
+def _build_model(config: TrainConfig, device: torch.device) -> nn.Module:
+    """The base model, quantised and prepared for k-bit training when the config says so (QLoRA)."""
     from peftkit.zoo import load_model
 
-    return load_model(config.model.name, pretrained=config.model.pretrained)
+    quantization = config.model.quantization
+    model = load_model(config.model.name, pretrained=config.model.pretrained, quantization=quantization, device=device)
+    if quantization is not None:
+        return prepare_for_kbit_training(model, gradient_checkpointing=config.gradient_checkpointing)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
 
 
 def _refuse_models_without_a_language_model_head(model: nn.Module, name: str) -> None:
@@ -206,7 +214,7 @@ def _train(config: TrainConfig, config_dir: Path, runtime: Runtime, *, progress:
 
     torch.manual_seed(config.seed)  # the same on every rank: every rank builds the same base and adapters
     random.seed(config.seed)
-    model = _build_model(config)
+    model = _build_model(config, runtime.device)
     _refuse_models_without_a_language_model_head(model, config.model.name)
     attach(model, spec)  # a spec that does not fit the model fails here, before anything is written
     if config.precision == "bf16":  # AdamW on float32 adapters over a bf16 base: autocast mixes the two
@@ -285,7 +293,9 @@ def _train(config: TrainConfig, config_dir: Path, runtime: Runtime, *, progress:
     distributed.on_main(runtime, lambda: save(model, output / "adapters", tensors=tensors))
     error = _merge_error(model, runtime)
     if error is not None:
-        log(json.dumps({"merge_error_max_abs": error, "base_dtype": str(next(model.parameters()).dtype)}))
+        quantization = config.model.quantization
+        base = str(next(model.parameters()).dtype) if quantization is None else quantization.describe()
+        log(json.dumps({"merge_error_max_abs": error, "base_dtype": base}))
     return TrainResult(config.steps, start, loss_value, eval_loss, output / "adapters", error)
 
 
