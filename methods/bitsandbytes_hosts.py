@@ -58,8 +58,8 @@ class QuantizedLinearSite(WeightSite):
     def merge_refusal(self) -> str | None:
         return (
             f"its weight is stored in {self.bits} bits ({type(self.module).__name__}): folding an update into it "
-            "would re-quantise the weight and lose precision. Run the adapter unmerged (it is as fast), or load the "
-            "base in a floating-point dtype and merge there"
+            "would re-quantise the weight and lose precision. Run the adapter unmerged, or merge into a dequantised "
+            "model with peftkit.merge_and_detach(model, dequantize=torch.bfloat16)"
         )
 
     def add_to_weight_(self, delta: torch.Tensor) -> None:

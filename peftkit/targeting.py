@@ -22,6 +22,7 @@ from peftkit.patterns import OPTIONAL_PREFIX, compile_pattern, split_optional
 from peftkit.registry import get_method
 from peftkit.sites.kinds import SiteContext, make_site
 from peftkit.sites.placements import Places, expand, places_of
+from peftkit.sites.weight import adapts, host_plugin_hint
 
 
 def base_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -159,7 +160,7 @@ def adaptable_paths(method: type[Method], modules: dict[str, nn.Module], places:
     accepted = method.capabilities.module_types
     found = []
     for path, module in candidates_for(method, modules).items():
-        if isinstance(module, accepted):
+        if adapts(module, accepted):
             site = make_site(method.capabilities.site, module, site_context(method, path, modules, places, root))
             if not isinstance(site, str):
                 found.append(path)
@@ -229,11 +230,11 @@ def _selected_paths(
                 )
             kept = typed
         for path in kept:
-            if not isinstance(candidates[path], accepted):
+            if not adapts(candidates[path], accepted):
                 raise TargetingError(
                     f"{where}: target {pattern!r} hits {path!r} ({type(candidates[path]).__name__}), which "
                     f"{config.method!r} cannot adapt; it adapts {', '.join(t.__name__ for t in accepted)}. "
-                    "Narrow the target or add module_types."
+                    "Narrow the target or add module_types." + host_plugin_hint(candidates[path])
                 )
             selected[path] = None
     return [path for path in candidates if path in selected]  # in the model's order, whatever the patterns' order

@@ -21,7 +21,7 @@ from peftkit.patterns import compile_pattern
 from peftkit.registry import get_method
 from peftkit.sites.kinds import make_site
 from peftkit.sites.placements import PLACEMENT_NAMES, places_of
-from peftkit.sites.weight import Conv1D
+from peftkit.sites.weight import Conv1D, adapts
 from peftkit.targeting import base_modules, candidates_for, layer_indices, site_context
 
 
@@ -164,7 +164,7 @@ def _hosts(model: nn.Module, modules: dict[str, nn.Module], method: type, config
     projections = (nn.Linear, Conv1D)
     hosts = []
     for path, module in candidates_for(method, modules).items():
-        if not isinstance(module, capabilities.module_types) or path in tied:
+        if not adapts(module, capabilities.module_types) or path in tied:
             continue
         elsewhere = capabilities.site not in {"weight", "parameter"}
         if elsewhere and not (isinstance(module, projections) or any(m(path) for m in places)):

@@ -304,14 +304,45 @@ _WEIGHT_SITE_TYPES: list[tuple[type[nn.Module], Callable[[nn.Module], WeightSite
 ]
 if Conv1D is not None:
     _WEIGHT_SITE_TYPES.append((Conv1D, lambda module: Conv1DSite(module)))
-_REGISTERED_TYPES: set[type[nn.Module]] = set()
+_REGISTERED_TYPES: dict[type[nn.Module], type[nn.Module]] = {}  # registered host type -> the type it stands for
 
 
-def register_weight_site(module_type: type[nn.Module], factory: Callable[[nn.Module], WeightSite | str]) -> None:
+def register_weight_site(
+    module_type: type[nn.Module],
+    factory: Callable[[nn.Module], WeightSite | str],
+    *,
+    stands_for: type[nn.Module] = nn.Linear,
+) -> None:
     """Teach the core a new linear-like host type (e.g. a quantised linear from another library); the factory then
-    vouches for how the type's forward follows from its weight."""
+    vouches for how the type's forward follows from its weight. ``stands_for`` is the built-in host type it
+    computes like: a method that adapts that type (its ``Capabilities.module_types``) adapts this one too, so a
+    method written before the host was registered, or without knowing of it, still reaches it."""
     _WEIGHT_SITE_TYPES.insert(0, (module_type, factory))
-    _REGISTERED_TYPES.add(module_type)
+    _REGISTERED_TYPES[module_type] = stands_for
+
+
+def host_plugin_hint(module: nn.Module) -> str:
+    """For a module whose weight is not floating point (a quantised layer of a type no plugin registered): how
+    such a type becomes a host; else empty."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and not (weight.is_floating_point() or weight.is_complex()):
+        return (
+            f" Its weight is {str(weight.dtype).removeprefix('torch.')} (a quantised layer): a quantised layer type "
+            "becomes a host through a host plugin that calls peftkit.sites.register_weight_site (the peftkit.hosts "
+            "entry points, docs/quantization.md)."
+        )
+    return ""
+
+
+def adapts(module: nn.Module, module_types: tuple[type[nn.Module], ...]) -> bool:
+    """Whether a method adapting ``module_types`` can take ``module``: an instance of one of them, or of a
+    registered host type that stands for one of them."""
+    if isinstance(module, module_types):
+        return True
+    return any(
+        isinstance(module, registered) and issubclass(stand_in, module_types)
+        for registered, stand_in in _REGISTERED_TYPES.items()
+    )
 
 
 def weight_site_types() -> tuple[type[nn.Module], ...]:
