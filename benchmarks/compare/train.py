@@ -156,28 +156,24 @@ def predict(
 
 
 @torch.inference_mode()
-def generate_labels(
-    model: nn.Module, batches, tokenizer, label_names: list[str], device: torch.device
-) -> tuple[list[int], list[int]]:
-    """Greedy generation after each prompt; the prediction is the label whose name the model wrote exactly
-    (first line, stripped), else -1. Exact match: a near miss counts as wrong."""
+def generate_texts(
+    model: nn.Module, batches, tokenizer, max_new_tokens: int, device: torch.device
+) -> tuple[list[str], list[int]]:
+    """Greedy continuations of each batch of prompts, decoded, and the row index of each."""
     model.eval()
-    longest = max(len(tokenizer(" " + name, add_special_tokens=False)["input_ids"]) for name in label_names)
-    predictions, labels = [], []
-    for batch, gold in batches:
+    written, rows = [], []
+    for batch, indices in batches:
         batch = to_device(batch, device)
         out = model.generate(
             **batch,
-            max_new_tokens=longest + 1,
+            max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        for row in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True):
-            written = row.strip().split("\n")[0].strip()
-            predictions.append(label_names.index(written) if written in label_names else -1)
-        labels += gold
-    return predictions, labels
+        written += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        rows += indices
+    return written, rows
 
 
 def accuracy(predictions: list[int], labels: list[int]) -> float:

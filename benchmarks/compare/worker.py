@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peftkit_benchmarks.compare import data, measure, modeling, train
+from peftkit_benchmarks.compare import data, measure, modeling, scoring, tasks, train
 from peftkit_benchmarks.compare.experiment import Arm, Experiment
 
 EVENT_PREFIX = "@@compare "
@@ -34,27 +34,44 @@ class Setup:
         self.dtype = DTYPES[job.get("dtype", "fp32")]
         if job.get("threads"):
             torch.set_num_threads(int(job["threads"]))
-        task = self.experiment.task
-        self.task = data.load_task(task.name, task.train_size, task.split_seed, task.eval_size)
+        self.loaded = tasks.load_task(self.experiment.task)
+        self.task = self.loaded.data
         self.tokenizer = modeling.load_tokenizer(self.experiment.model)
         self.pad_id = self.tokenizer.pad_token_id
-        self.generative = task.name in data.GENERATIVE_TASKS
+        self.generative = self.loaded.generative
         self.num_labels = None if self.generative else len(self.task.label_names)
         self.train_set = self.encode(self.task.train)
 
     def encode(self, split: data.TextSplit) -> data.Encoded:
         max_length = self.experiment.task.max_length
         if self.generative:
-            return data.encode_generation(self.tokenizer, split, self.task.label_names, max_length)
+            return data.encode_generation(self.tokenizer, split, max_length)
         return data.encode(self.tokenizer, split, max_length)
 
-    def predict(self, model: torch.nn.Module, encoded: data.Encoded) -> tuple[list[int], list[int]]:
-        """(predicted, gold) label indices: argmax of the head, or the topic the model writes (-1: none)."""
+    def evaluate(self, model: torch.nn.Module, split: data.TextSplit, encoded: data.Encoded) -> dict[str, float]:
+        """The task's metrics on ``split``: accuracy and macro-F1 of the head's argmax, or the score of what the
+        model writes after each prompt (exact match of its first line, or the task's scorer)."""
         batch_size = self.experiment.budget.eval_batch_size
-        if self.generative:
-            batches = data.prompt_batches(encoded, batch_size, self.pad_id)
-            return train.generate_labels(model, batches, self.tokenizer, self.task.label_names, self.device)
-        return train.predict(model, data.eval_batches(encoded, batch_size, self.pad_id), self.device, self.dtype)
+        if not self.generative:
+            batches = data.eval_batches(encoded, batch_size, self.pad_id)
+            predictions, labels = train.predict(model, batches, self.device, self.dtype)
+            classes = len(self.task.label_names)
+            return {
+                "accuracy": train.accuracy(predictions, labels),
+                "macro_f1": scoring.macro_f1(predictions, labels, classes),
+            }
+        longest = max(len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in split.targets)
+        batches = data.prompt_batches(encoded, batch_size, self.pad_id)
+        written, rows = train.generate_texts(model, batches, self.tokenizer, longest + 1, self.device)
+        references = [split.targets[i] for i in rows]
+        config = self.experiment.task
+        if config.scorer is None:
+            return {"exact_match": scoring.exact_match(written, references)}
+        return {
+            scoring.metric_name(config): scoring.score(
+                config, [w.strip() for w in written], [r.strip() for r in references]
+            )
+        }
 
     def build(self, arm: Arm, seed: int) -> tuple[torch.nn.Module, set[str], int]:
         """The arm's model on the device, its head parameter names, and the base model's parameter count."""
@@ -78,7 +95,8 @@ def run_arm(job: dict[str, Any]) -> dict[str, Any]:
     setup = Setup(job)
     arm, seed, budget = setup.experiment.arm(job["arm"]), int(job["seed"]), setup.experiment.budget
     eval_split = job.get("eval_split", "test")
-    test_set = setup.encode(getattr(setup.task, eval_split))
+    eval_rows = getattr(setup.task, eval_split)
+    test_set = setup.encode(eval_rows)
 
     rss_before_model = measure.peak_rss_bytes()  # imports, data and tokenizer: the same for every arm
     model, head, base_total = setup.build(arm, seed)
@@ -112,7 +130,7 @@ def run_arm(job: dict[str, Any]) -> dict[str, Any]:
         "saved_activation_bytes": saved.bytes,
     }
     emit("phase", phase="evaluate")
-    predictions, labels = setup.predict(model, test_set)
+    metrics = setup.evaluate(model, eval_rows, test_set)
     checkpoint_bytes = modeling.save_checkpoint(model, arm, Path(job["checkpoint_dir"]))
     latency = None
     if job.get("measure_latency", True):
@@ -134,9 +152,10 @@ def run_arm(job: dict[str, Any]) -> dict[str, Any]:
         "median_tokens_per_second": measure.median(tokens_per_s),
         "train_seconds": sum(log.seconds),
         "final_loss": sum(log.losses[-10:]) / len(log.losses[-10:]),
-        "accuracy": train.accuracy(predictions, labels),
+        "score": next(iter(metrics.values())),  # the task's primary metric, higher is better
+        "metrics": metrics,
         "eval_split": eval_split,
-        "eval_examples": len(labels),
+        "eval_examples": len(eval_rows),
         "latency": latency,
     }
 

