@@ -9,8 +9,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -224,7 +229,7 @@ SCORERS = [
 @pytest.mark.parametrize(("case", "source", "message"), SCORERS, ids=[s[0] for s in SCORERS])
 def test_a_scorer_that_fails_is_refused_before_any_arm_trains(tmp_path, capsys, monkeypatch, case, source, message):
     monkeypatch.setattr(runner, "run_experiment", lambda *a, **k: pytest.fail("an arm started"))
-    monkeypatch.delitem(__import__("sys").modules, "my_scorer", raising=False)
+    monkeypatch.delitem(sys.modules, "my_scorer", raising=False)
     write_jsonl(tmp_path / "qa.jsonl", [{"prompt": f"{i}?", "target": str(i)} for i in range(10)])
     (tmp_path / "my_scorer.py").write_text(source)
     experiment = classification({})
@@ -246,3 +251,79 @@ def test_task_fields_that_do_not_fit_the_kind_are_refused_by_name():
         TaskConfig.model_validate({"name": "x", "data": {"train": "a.csv", "dataset": "d"}})
     with pytest.raises(ValueError, match="give `data`"):
         TaskConfig.model_validate({"name": "mine"})
+
+
+# -- resuming a stopped run -----------------------------------------------------------------------------------------
+
+
+def _review_experiment(tmp_path, seeds: list[int]) -> dict:
+    write_csv(tmp_path / "train.csv", review_rows(40))
+    experiment = classification({"data": {"train": "train.csv"}, "columns": {"text": "sentence", "label": "verdict"}})
+    experiment["budget"] = {**BUDGET, "seeds": seeds}
+    return experiment
+
+
+def test_a_killed_compare_continues_where_it_stopped_and_a_changed_experiment_starts_over(
+    tmp_path, capsys, monkeypatch
+):
+    experiment = _review_experiment(tmp_path, [0, 1])
+    file = tmp_path / "experiment.yaml"
+    file.write_text(yaml.safe_dump(experiment, sort_keys=False))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "peftkit_benchmarks.compare.cli", "--experiment", str(file), "--out", str(out)]
+    process = subprocess.Popen([*command, "--threads", "1"], start_new_session=True, stdout=subprocess.DEVNULL)
+    first = out / "runs" / "lora-seed0.json"
+    deadline = time.monotonic() + 300
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the command and its worker, at once
+    process.wait()
+    assert first.exists(), "the first run never finished"
+    kept = json.loads(first.read_text())
+    assert not (out / "report.json").exists()
+
+    started = []
+    real = runner.run_worker
+    monkeypatch.setattr(runner, "run_worker", lambda job, *a, **k: (started.append(job["seed"]), real(job, *a, **k))[1])
+    assert run(tmp_path, experiment) == 0
+    assert 0 not in started and started  # seed 0 was kept; what the kill interrupted ran again
+    report = json.loads((out / "report.json").read_text())
+    assert "lora seed 0" in report["reused_runs"]
+    assert next(r for r in report["runs"] if r["seed"] == 0)["metrics"] == kept["result"]["metrics"]
+    assert "Resumed: lora seed 0" in (out / "report.md").read_text()
+
+    started.clear()
+    capsys.readouterr()
+    assert run(tmp_path, experiment, "--set", "budget.steps=3") == 0  # a changed budget: every run is redone
+    assert sorted(started) == [0, 1]
+    assert "discarded 2 runs" in capsys.readouterr().out
+    started.clear()
+    assert run(tmp_path, experiment, "--set", "budget.steps=3", "--fresh") == 0  # kept runs, but --fresh
+    assert sorted(started) == [0, 1]
+
+
+def test_an_arm_from_a_spec_file_joins_the_run_and_list_shows_the_shipped_experiments(tmp_path, capsys, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(
+        runner, "run_experiment", lambda experiment, options: seen.setdefault("e", experiment) and 1 / 0
+    )
+    (tmp_path / "ia3.yaml").write_text("adapters:\n  default:\n    - {method: ia3, target: [key, value]}\n")
+    experiment = _review_experiment(tmp_path, [0])
+    with pytest.raises(ZeroDivisionError):  # stopped where the arms would start training
+        run(
+            tmp_path,
+            experiment,
+            "--arm",
+            f"ia3={tmp_path / 'ia3.yaml'}:3e-3",
+            "--arm",
+            f"ia3-default={tmp_path / 'ia3.yaml'}",
+        )
+    arms = {arm.name: arm for arm in seen["e"].arms}
+    assert arms["ia3"].lr == 3e-3 and arms["ia3"].spec["adapters"]["default"][0]["method"] == "ia3"
+    assert arms["ia3-default"].lr == arms["lora"].lr
+    assert "learning rate 0.01, from arm 'lora'" in capsys.readouterr().err
+    assert run(tmp_path, experiment, "--arm", "broken=missing.yaml") == 2
+    assert "--arm 'broken=missing.yaml'" in capsys.readouterr().err
+    assert run(tmp_path, experiment, "--list") == 0
+    listed = capsys.readouterr().out
+    assert "minilm-rt-sentiment:" in listed and "full*, lora*" in listed and "qlora" in listed

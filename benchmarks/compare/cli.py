@@ -7,6 +7,7 @@ on its own: ``python -m peftkit_benchmarks.compare.cli --steps 3 --seeds 1``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 from pathlib import Path
@@ -72,6 +73,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default="test",
         help="score on the held-out test split (default) or on validation, for tuning an experiment",
     )
+    parser.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        dest="extra_arms",
+        metavar="NAME=SPEC[:LR]",
+        help="add an arm from a peftkit spec file (YAML or JSON) without editing the experiment; LR defaults to the "
+        "learning rate of the experiment's first adapter arm (repeatable)",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="redo every run, discarding those kept in OUT/runs by an earlier invocation",
+    )
+    parser.add_argument("--list", action="store_true", help="list the shipped experiments and their arms, and exit")
     parser.add_argument("--peer", choices=["peft"], help="also run HF PEFT's LoRA on each LoRA arm's spec")
     parser.add_argument(
         "--set",
@@ -133,6 +149,7 @@ def resolve_experiment(args: argparse.Namespace) -> Experiment:
             raise ExperimentError(f"--methods: no arm named {unknown} in {experiment.name}; arms: {known}")
         raw["arms"] = [arm for arm in raw["arms"] if arm["name"] in wanted]
         raw["default_arms"] = None
+    raw["arms"] += [arm_from_file(option, raw["arms"]) for option in args.extra_arms]
     try:
         experiment = Experiment.model_validate(raw)
     except ValidationError as error:
@@ -152,6 +169,54 @@ def resolve_experiment(args: argparse.Namespace) -> Experiment:
     return experiment
 
 
+def arm_from_file(option: str, arms: list[dict]) -> dict:
+    """``NAME=SPEC[:LR]`` as an arm: the spec file read (and validated) by peftkit, the learning rate given or the
+    experiment's first adapter arm's (said on stderr, since it was not written down)."""
+    import peftkit
+
+    name, sep, rest = option.partition("=")
+    if not sep or not name or not rest:
+        raise ExperimentError(
+            f"--arm {option!r}: write NAME=SPEC.yaml or NAME=SPEC.yaml:LR, e.g. lora16=lora16.yaml:5e-4"
+        )
+    path, lr = rest, None
+    head, colon, tail = rest.rpartition(":")
+    if colon:
+        with contextlib.suppress(ValueError):  # else the colon is part of the path
+            path, lr = head, float(tail)
+    try:
+        spec = peftkit.Spec.from_file(path).to_dict()
+    except (peftkit.PeftkitError, OSError) as error:
+        raise ExperimentError(f"--arm {option!r}: {error}") from None
+    if lr is None:
+        adapter_arms = [arm for arm in arms if arm.get("spec") is not None]
+        if not adapter_arms:
+            raise ExperimentError(
+                f"--arm {option!r}: the experiment has no adapter arm to take a learning rate from; add :LR"
+            )
+        lr = adapter_arms[0]["lr"]
+        print(
+            f"peftkit compare: --arm {name}: learning rate {lr:g}, from arm {adapter_arms[0]['name']!r}",
+            file=sys.stderr,
+        )
+    return {"name": name, "lr": lr, "spec": spec}
+
+
+def list_experiments() -> str:
+    """The shipped experiments, their tasks and arms (* marks the arms a run without --methods trains)."""
+    from peftkit_benchmarks.compare.experiment import builtin_experiments
+
+    lines = []
+    for name in builtin_experiments():
+        experiment = load_experiment(name)
+        defaults = set(experiment.default_arms or [arm.name for arm in experiment.arms])
+        arms = ", ".join(f"{arm.name}{'*' if arm.name in defaults else ''}" for arm in experiment.arms)
+        task = experiment.task
+        lines += [f"{name}: {experiment.description}", f"  task {task.name} ({task.kind}); arms: {arms}"]
+    lines.append("* trained by default; --methods all trains every arm, --arm NAME=SPEC[:LR] adds one")
+    return "\n".join(lines)
+
+
 def check_device(device: str) -> str | None:
     """Why ``device`` cannot be used, or None."""
     import torch
@@ -166,6 +231,9 @@ def check_device(device: str) -> str | None:
 def run(args: argparse.Namespace) -> int:
     from peftkit_benchmarks.compare import plots, report, runner
 
+    if args.list:
+        print(list_experiments())
+        return 0
     try:
         experiment = resolve_experiment(args)
         task = tasks.load_task(experiment.task).describe()  # bad data is refused here, before any arm trains
@@ -177,7 +245,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"peftkit compare: {problem}", file=sys.stderr)
         return 2
     options = runner.RunOptions(
-        device=args.device, dtype=args.dtype, threads=args.threads, out=args.out, eval_split=args.eval_split
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        out=args.out,
+        eval_split=args.eval_split,
+        fresh=args.fresh,
     )
     command = "peftkit compare " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "compare")
     try:

@@ -168,6 +168,7 @@ def build_report(
         "ratios_to_full": ratios,
         "ratios_to_peer": peer_ratios,
         "probe": raw.get("probe"),
+        "reused_runs": raw.get("reused", []),  # finished by an earlier invocation that was stopped, and kept
         "runs": raw["runs"],
     }
 
@@ -217,6 +218,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"peftkit {env['versions']['peftkit']}, {env['utc']}; OMP_WAIT_POLICY {env['omp_wait_policy']}",
         "",
         *task_lines(report["task"]),
+        *(
+            [f"Resumed: {', '.join(report['reused_runs'])} finished in an earlier invocation and were kept.", ""]
+            if report.get("reused_runs")
+            else []
+        ),
         f"| arm | trainable params | % of base | checkpoint | weights in memory | {metric} (mean ± sd, n) "
         f"{''.join(f'| {EXTRA_NAMES.get(extra, extra)} ' for extra in extras)}| Δ vs full ({units}) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | " + "---: | " * len(extras) + "---: |",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftkit_benchmarks.compare import measure
+from peftkit_benchmarks.compare import measure, resume
 from peftkit_benchmarks.compare.experiment import Experiment
 from peftkit_benchmarks.compare.worker import EVENT_PREFIX
 from tqdm import tqdm
@@ -31,6 +31,7 @@ class RunOptions:
     threads: int | None = None
     eval_split: str = "test"
     out: Path = Path("compare-out")
+    fresh: bool = False  # discard the finished runs an earlier invocation kept in out/runs
 
 
 class WorkerFailed(RuntimeError):
@@ -138,8 +139,24 @@ def run_experiment(experiment: Experiment, options: RunOptions) -> dict[str, Any
     probe = budget.speed_probe_steps > 0 and len(experiment.arms) > 1
     total = len(jobs) * budget.steps + (budget.speed_probe_steps + 2 if probe else 0)
     runs, clock = [], RemainingTime()
+    finished, described = resume.FinishedRuns.open(options.out, fresh=options.fresh), resume.run_options(options)
+    keys = {name: resume.fingerprint(experiment, described, [name]) for name in {name for _, name in jobs}}
+    kept = {(seed, name): finished.take(f"{name}-seed{seed}", keys[name]) for seed, name in jobs}
+    reused = [f"{name} seed {seed}" for (seed, name), result in kept.items() if result is not None]
+    if reused:
+        print(f"peftkit compare: reusing {len(reused)} finished runs from {finished.folder}: {', '.join(reused)}")
+    if finished.discarded:
+        print(
+            f"peftkit compare: discarded {len(finished.discarded)} runs in {finished.folder} made by a different "
+            f"experiment or different options: {', '.join(finished.discarded)}"
+        )
     with tqdm(total=total, unit="step", desc="peftkit compare", dynamic_ncols=True) as bar:
         for index, (seed, name) in enumerate(jobs, start=1):
+            key = keys[name]
+            if kept[(seed, name)] is not None:  # finished before this command was stopped: not redone
+                runs.append(kept[(seed, name)])
+                bar.update(budget.steps)
+                continue
             started = time.monotonic()
             label = f"[{index}/{len(jobs)}] {name} seed {seed}"
             job = {
@@ -152,11 +169,19 @@ def run_experiment(experiment: Experiment, options: RunOptions) -> dict[str, Any
             }
             result, process_peak = run_worker(job, bar, label, policy)
             result["memory"]["process_peak_rss_bytes"] = process_peak
+            finished.keep(f"{name}-seed{seed}", key, result)
             runs.append(result)
             clock.record(name, time.monotonic() - started)
             bar.set_description(clock.describe([arm for _, arm in jobs[index:]]), refresh=True)
         probe_result = None
         if probe:
-            job = {**common, "mode": "probe", "seed": budget.seeds[0], "arms": [a.name for a in experiment.arms]}
-            probe_result, _ = run_worker(job, bar, "step-time probe (all arms in one process)", policy)
-    return {"runs": runs, "probe": probe_result, "omp_wait_policy": policy_reason}
+            names = [a.name for a in experiment.arms]
+            key = resume.fingerprint(experiment, described, names)
+            probe_result = finished.take("probe", key)
+            if probe_result is None:
+                job = {**common, "mode": "probe", "seed": budget.seeds[0], "arms": names}
+                probe_result, _ = run_worker(job, bar, "step-time probe (all arms in one process)", policy)
+                finished.keep("probe", key, probe_result)
+            else:
+                reused.append("the step-time probe")
+    return {"runs": runs, "probe": probe_result, "omp_wait_policy": policy_reason, "reused": reused}
