@@ -241,7 +241,7 @@ def test_a_scorer_that_fails_is_refused_before_any_arm_trains(tmp_path, capsys, 
 
 
 def test_task_fields_that_do_not_fit_the_kind_are_refused_by_name():
-    with pytest.raises(ValueError, match="scorer and prompt/target templates are for kind generation"):
+    with pytest.raises(ValueError, match="scorer and prompt/target templates are for kinds generation and causal-lm"):
         TaskConfig.model_validate({"name": "x", "data": {"train": "a.csv"}, "scorer": "m:f"})
     with pytest.raises(ValueError, match=r"field \{text\.upper\} must be a plain column name"):
         TaskConfig.model_validate(
@@ -327,3 +327,86 @@ def test_an_arm_from_a_spec_file_joins_the_run_and_list_shows_the_shipped_experi
     assert run(tmp_path, experiment, "--list") == 0
     listed = capsys.readouterr().out
     assert "minilm-rt-sentiment:" in listed and "full*, lora*" in listed and "qlora" in listed
+
+
+# -- causal-lm: instruction tuning on chats or prompt/completion pairs ------------------------------------------------
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} [end]\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def _chats(count: int) -> list[dict]:
+    return [
+        {
+            "conversation": [
+                {"role": "system", "content": "answer with the next number"},
+                {"role": "user", "content": f"after {i}?"},
+                {"role": "assistant", "content": str(i + 1)},
+            ]
+        }
+        for i in range(count)
+    ]
+
+
+def test_a_causal_lm_task_on_chats_uses_the_chat_template_and_reports_perplexity(tmp_path, tiny_llama):
+    from pathlib import Path
+
+    config_file = Path(tiny_llama) / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "chat_template": CHAT_TEMPLATE}))
+    write_jsonl(tmp_path / "chats.jsonl", _chats(40))
+    experiment = {
+        "name": "own-chat",
+        "model": {"path": tiny_llama, "random_init": {}},
+        "task": {
+            "name": "next-number",
+            "kind": "causal-lm",
+            "data": {"train": "chats.jsonl"},
+            "columns": {"messages": "conversation"},
+            "max_length": 32,
+        },
+        "budget": BUDGET,
+        "arms": [
+            {"name": "full", "lr": 1e-3},
+            {"name": "lora", "lr": 1e-2, "spec": {"adapters": {"d": [{"method": "lora", "target": "q_proj", "r": 2}]}}},
+        ],
+    }
+    assert run(tmp_path, experiment) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["task"]["metric"] == "perplexity" and report["task"]["higher_is_better"] is False
+    lora = report["arms"]["lora"]
+    assert lora["score"]["mean"] == lora["metrics"]["perplexity"] > 1.0
+    assert abs(lora["metrics"]["completion_loss"] - __import__("math").log(lora["metrics"]["perplexity"])) < 1e-6
+    assert "perplexity, lower is better (mean ± sd, n)" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_chats_train_only_on_the_last_turn_and_lose_their_oldest_tokens_first(tiny_llama):
+    from peftkit_benchmarks.compare import data
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    turns = _chats(1)[0]["conversation"]
+    split = data.TextSplit(["after 0?"], [0], messages=[turns], targets=["1"])
+    whole = data.encode_chat(tokenizer, split, max_length=200)
+    prompt = tokenizer.decode(whole.input_ids[0][: whole.answer_starts[0]])
+    answer = tokenizer.decode(whole.input_ids[0][whole.answer_starts[0] :])
+    assert prompt.endswith("< assistant >") and "system" in prompt and answer.split() == ["1", "[", "end", "]"]
+    short = data.encode_chat(tokenizer, split, max_length=12)
+    assert len(short.input_ids[0]) <= 12
+    assert short.input_ids[0][short.answer_starts[0] :] == whole.input_ids[0][whole.answer_starts[0] :]
+    room = 12 - (len(whole.input_ids[0]) - whole.answer_starts[0])
+    assert short.input_ids[0][: short.answer_starts[0]] == whole.input_ids[0][: whole.answer_starts[0]][-room:]
+    tokenizer.chat_template = None  # no template: plain "role: content" lines
+    plain = data.encode_chat(tokenizer, split, max_length=200)
+    assert tokenizer.decode(plain.input_ids[0][: plain.answer_starts[0]]).endswith("assistant :")
+
+
+def test_a_chat_turn_that_is_not_role_and_content_is_refused_naming_the_file(tmp_path):
+    write_jsonl(tmp_path / "chats.jsonl", [{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}] * 20)
+    config = TaskConfig.model_validate(
+        {"name": "c", "kind": "causal-lm", "root": str(tmp_path), "data": {"train": "chats.jsonl"}}
+    )
+    with pytest.raises(tasks.TaskError, match=r"chats\.jsonl: column 'messages': each turn is \{role: \.\.\., content"):
+        tasks.load_task(config)

@@ -33,6 +33,7 @@ class TextSplit:
     # generation: each prompt as (text, field name or None for the template's own text), and the target text
     prompt_pieces: list[list[tuple[str, str | None]]] | None = None
     targets: list[str] | None = None
+    messages: list[list[dict[str, str]]] | None = None  # causal-lm chats: the last turn is the target
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -143,6 +144,7 @@ def subsample(split: TextSplit, count: int | None, seed: int) -> TextSplit:
         pick(split.pairs),
         pick(split.prompt_pieces),
         pick(split.targets),
+        pick(split.messages),
     )
 
 
@@ -202,6 +204,37 @@ def encode_generation(tokenizer, split: TextSplit, max_length: int) -> Encoded:
         ids.append(prompt + answer)
         starts.append(len(prompt))
     return Encoded(ids, list(range(len(ids))), starts)  # a generation row's "label" is its position: its target
+
+
+def encode_chat(tokenizer, split: TextSplit, max_length: int) -> Encoded:
+    """Each chat rendered by the tokenizer's chat template: the turns before the last with the assistant's header as
+    the prompt, the last turn (and the template's end of turn) as the completion. A tokenizer without a template
+    gets plain ``role: content`` lines. Where the whole would pass ``max_length``, the earliest prompt tokens go."""
+    ids, starts = [], []
+    template = getattr(tokenizer, "chat_template", None)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for turns in split.messages:
+        if template:
+            prompt = list(_ids(tokenizer.apply_chat_template(turns[:-1], add_generation_prompt=True)))
+            whole = list(_ids(tokenizer.apply_chat_template(turns)))
+            if whole[: len(prompt)] == prompt and len(whole) > len(prompt):
+                answer = whole[len(prompt) :]
+            else:  # a template that renders the history differently once an answer follows
+                answer = tokenizer(turns[-1]["content"], add_special_tokens=False)["input_ids"] + eos
+        else:
+            history = "".join(f"{turn['role']}: {turn['content']}\n" for turn in turns[:-1])
+            prompt = tokenizer(f"{history}{turns[-1]['role']}:", add_special_tokens=False)["input_ids"]
+            answer = tokenizer(" " + turns[-1]["content"], add_special_tokens=False)["input_ids"] + eos
+        room = max(1, max_length - len(answer))
+        prompt = prompt[-room:]
+        ids.append((prompt + answer)[:max_length])
+        starts.append(len(prompt))
+    return Encoded(ids, list(range(len(ids))), starts)
+
+
+def _ids(rendered) -> list[int]:
+    """Token ids from ``apply_chat_template``, which returns a list, or a BatchEncoding in newer transformers."""
+    return rendered["input_ids"] if hasattr(rendered, "keys") else rendered
 
 
 def prompt_batches(

@@ -43,7 +43,8 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
     axis.set_xscale("log")
     axis.set_xlabel("trainable parameters (log scale)")
     split = report["environment"].get("eval_split", "test")
-    axis.set_ylabel(f"{split} {task['metric']}{' %' if scale == 100 else ''} (mean ± sd over seeds)")
+    better = "" if task.get("higher_is_better", True) else ", lower is better"
+    axis.set_ylabel(f"{split} {task['metric']}{' %' if scale == 100 else ''} (mean ± sd over seeds{better})")
     axis.set_title(f"{report['experiment']['name']}: {task['metric']} vs trainable parameters")
     axis.grid(alpha=0.3)
     figure.tight_layout()

@@ -140,7 +140,8 @@ def describe_task(experiment: Experiment, loaded: dict[str, Any] | None) -> dict
         "name": config.name,
         "kind": config.kind,
         "metric": scoring.metric_name(config),
-        "scale": 1.0 if config.scorer else 100.0,
+        "scale": 100.0 if scoring.metric_name(config) in ("accuracy", "exact match") else 1.0,
+        "higher_is_better": scoring.higher_is_better(config),
         **(loaded or {}),
     }
 
@@ -173,7 +174,7 @@ def build_report(
     }
 
 
-EXTRA_NAMES = {"macro_f1": "macro-F1 %"}  # metrics reported beside the primary one
+EXTRA_NAMES = {"macro_f1": "macro-F1 %", "completion_loss": "completion loss", "perplexity": "perplexity"}  # metrics reported beside the primary one
 
 
 def _size(n: int | None) -> str:
@@ -202,6 +203,8 @@ def markdown(report: dict[str, Any]) -> str:
     task_info = report["task"]
     scale = task_info["scale"]
     metric = task_info["metric"] + (" %" if scale == 100 else "")
+    if not task_info.get("higher_is_better", True):
+        metric += ", lower is better"
     units = "points" if scale == 100 else task_info["metric"]
     extras = [m for m in next(iter(arms.values()))["metrics"] if m != task_info["metric"].replace(" ", "_")]
     lines = [

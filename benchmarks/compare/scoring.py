@@ -17,9 +17,16 @@ from peftkit_benchmarks.compare.task_config import TaskConfig, TaskError
 
 
 def metric_name(config: TaskConfig) -> str:
+    """The task's primary metric: accuracy, the scorer's name, or exact match (generation) / perplexity (causal-lm)."""
     if config.kind == "classification":
         return "accuracy"
-    return config.scorer.split(":")[1] if config.scorer else "exact match"
+    if config.scorer:
+        return config.scorer.split(":")[1]
+    return "exact match" if config.kind == "generation" else "perplexity"
+
+
+def higher_is_better(config: TaskConfig) -> bool:
+    return metric_name(config) != "perplexity"
 
 
 def load_scorer(config: TaskConfig) -> Callable[[list[str], list[str]], float]:

@@ -12,9 +12,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SPLITS = ("train", "validation", "test")
-KINDS = ("classification", "generation")
+KINDS = ("classification", "generation", "causal-lm")
 # The columns each kind reads, by role; a role maps to the column of that name unless ``columns`` says otherwise.
-ROLES = {"classification": ("text", "text_pair", "label", "group"), "generation": ("group",)}
+ROLES = {
+    "classification": ("text", "text_pair", "label", "group"),
+    "generation": ("group",),
+    "causal-lm": ("messages", "group"),  # messages: a chat, its last turn the completion
+}
 OPTIONAL_ROLES = {"text_pair", "group"}
 DEFAULT_PROMPT, DEFAULT_TARGET = "{prompt}", " {target}"  # generation: columns named prompt and target
 
@@ -56,7 +60,7 @@ class TaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="shown in the report; the shipped task names fill in kind and data on their own")
-    kind: Literal["classification", "generation"] = "classification"
+    kind: Literal["classification", "generation", "causal-lm"] = "classification"
     data: DataFiles | None = None
     root: str | None = Field(
         default=None, description="the folder relative paths (and scorer modules) are found in; the experiment file's"
@@ -102,8 +106,8 @@ class TaskConfig(BaseModel):
             )
         templates_set = (self.prompt, self.target) != (DEFAULT_PROMPT, DEFAULT_TARGET)
         if self.kind == "classification" and (self.scorer or templates_set):
-            raise ValueError("task: scorer and prompt/target templates are for kind generation")
-        if self.kind == "generation" and self.labels is not None:
+            raise ValueError("task: scorer and prompt/target templates are for kinds generation and causal-lm")
+        if self.kind != "classification" and self.labels is not None:
             raise ValueError("task.labels is for kind classification")
         if self.scorer is not None and (self.scorer.count(":") != 1 or not all(self.scorer.split(":"))):
             raise ValueError(f"task.scorer {self.scorer!r}: write module:function, e.g. my_scores:rouge_l")

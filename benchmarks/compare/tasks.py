@@ -140,7 +140,8 @@ class LoadedTask:
 
     @property
     def generative(self) -> bool:
-        return self.config.kind == "generation"
+        """Whether the model is a causal LM that writes text (no new head)."""
+        return self.config.kind != "classification"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -150,6 +151,7 @@ class LoadedTask:
             "origin": self.origin,
             "labels": self.data.label_names if not self.generative else None,
             "metric": scoring.metric_name(self.config),
+            "higher_is_better": scoring.higher_is_better(self.config),
         }
 
 
@@ -193,7 +195,7 @@ def load_task(config: TaskConfig) -> LoadedTask:
     if config.train_size is not None and config.train_size < len(splits["train"]):
         keep = sorted(random.Random(config.split_seed).sample(range(len(splits["train"])), config.train_size))
         splits["train"] = [splits["train"][i] for i in keep]
-    build = _classification if config.kind == "classification" else _generation
+    build = {"classification": _classification, "generation": _generation, "causal-lm": _causal_lm}[config.kind]
     task = build(config, splits, labels, origin)
     if config.eval_size is not None:
         task = data.TaskData(
@@ -299,6 +301,38 @@ def _generation(config, splits, labels, origin) -> data.TaskData:
             list(range(len(rows))),
             prompt_pieces=prompts,
             targets=targets,
+        )
+
+    return data.TaskData(config.name, [], *(take(s) for s in SPLITS))
+
+
+def _causal_lm(config, splits, labels, origin) -> data.TaskData:
+    """Instruction tuning: prompt/completion rows through the templates (as generation), or chats, whose last turn
+    is the completion and which the tokenizer's chat template renders at encoding time."""
+    messages = column(config, "messages") or "messages"
+    if messages not in splits["train"][0]:
+        return _generation(config, splits, labels, origin)
+
+    def chat(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+        turns = row[messages]
+        if not isinstance(turns, list) or len(turns) < 2:
+            raise TaskError(f"{where}: column {messages!r} must hold a list of at least two turns, got {turns!r:.80}")
+        for turn in turns:
+            if not (
+                isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)
+            ):
+                raise TaskError(
+                    f"{where}: column {messages!r}: each turn is {{role: ..., content: ...}}, got {turn!r:.80}"
+                )
+        return [{"role": turn["role"], "content": turn["content"]} for turn in turns]
+
+    def take(name: str) -> data.TextSplit:
+        chats = [chat(row, origin[name]) for row in splits[name]]
+        return data.TextSplit(
+            [turns[-2]["content"] for turns in chats],
+            list(range(len(chats))),
+            messages=chats,
+            targets=[turns[-1]["content"] for turns in chats],
         )
 
     return data.TaskData(config.name, [], *(take(s) for s in SPLITS))

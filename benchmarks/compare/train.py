@@ -176,5 +176,25 @@ def generate_texts(
     return written, rows
 
 
+@torch.inference_mode()
+def completion_loss(
+    model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], device: torch.device, dtype: torch.dtype | None
+) -> float:
+    """Mean negative log-likelihood per completion token (the labels that are not ignored), over every batch."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in batches:
+        batch = to_device(batch, device)
+        labels = batch.pop("labels")
+        with autocast(device, dtype):
+            logits = model(**batch).logits
+        shifted = labels[:, 1:]  # the token each position predicts
+        total += nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), reduction="sum"
+        ).item()
+        tokens += int((shifted != -100).sum())
+    return total / max(tokens, 1)
+
+
 def accuracy(predictions: list[int], labels: list[int]) -> float:
     return sum(p == g for p, g in zip(predictions, labels)) / len(labels)

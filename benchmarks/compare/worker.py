@@ -9,6 +9,7 @@ same batches, which gives step-time ratios that a busy machine cannot skew towar
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,13 +45,16 @@ class Setup:
 
     def encode(self, split: data.TextSplit) -> data.Encoded:
         max_length = self.experiment.task.max_length
+        if split.messages is not None:
+            return data.encode_chat(self.tokenizer, split, max_length)
         if self.generative:
             return data.encode_generation(self.tokenizer, split, max_length)
         return data.encode(self.tokenizer, split, max_length)
 
     def evaluate(self, model: torch.nn.Module, split: data.TextSplit, encoded: data.Encoded) -> dict[str, float]:
-        """The task's metrics on ``split``: accuracy and macro-F1 of the head's argmax, or the score of what the
-        model writes after each prompt (exact match of its first line, or the task's scorer)."""
+        """The task's metrics on ``split``, the primary one first: accuracy and macro-F1 of the head's argmax; the
+        score of what the model writes after each prompt (exact match of its first line, or the task's scorer); for
+        causal-lm the completion's perplexity and loss (and the scorer's number, when there is a scorer)."""
         batch_size = self.experiment.budget.eval_batch_size
         if not self.generative:
             batches = data.eval_batches(encoded, batch_size, self.pad_id)
@@ -60,18 +64,23 @@ class Setup:
                 "accuracy": train.accuracy(predictions, labels),
                 "macro_f1": scoring.macro_f1(predictions, labels, classes),
             }
+        config = self.experiment.task
+        metrics: dict[str, float] = {}
+        if config.kind == "causal-lm":
+            loss = train.completion_loss(
+                model, data.eval_batches(encoded, batch_size, self.pad_id), self.device, self.dtype
+            )
+            metrics = {"perplexity": math.exp(min(loss, 50.0)), "completion_loss": loss}
+            if config.scorer is None:
+                return metrics
         longest = max(len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in split.targets)
         batches = data.prompt_batches(encoded, batch_size, self.pad_id)
         written, rows = train.generate_texts(model, batches, self.tokenizer, longest + 1, self.device)
         references = [split.targets[i] for i in rows]
-        config = self.experiment.task
         if config.scorer is None:
             return {"exact_match": scoring.exact_match(written, references)}
-        return {
-            scoring.metric_name(config): scoring.score(
-                config, [w.strip() for w in written], [r.strip() for r in references]
-            )
-        }
+        scored = scoring.score(config, [w.strip() for w in written], [r.strip() for r in references])
+        return {scoring.metric_name(config): scored, **metrics}  # the primary metric first
 
     def build(self, arm: Arm, seed: int) -> tuple[torch.nn.Module, set[str], int]:
         """The arm's model on the device, its head parameter names, and the base model's parameter count."""
