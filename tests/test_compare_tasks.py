@@ -102,16 +102,25 @@ def tiny_llama(tmp_path) -> str:
     return str(folder)
 
 
-def test_a_classification_task_from_csv_files_runs_end_to_end_with_accuracy_and_macro_f1(tmp_path):
-    write_csv(tmp_path / "train.csv", review_rows(40))
-    write_csv(tmp_path / "test.csv", review_rows(12, offset=100))
+@pytest.fixture(scope="module")
+def classification_run(tmp_path_factory):
+    """One run of full fine-tuning and LoRA on CSV files, shared by the tests that read its outputs."""
+    folder = tmp_path_factory.mktemp("classification")
+    write_csv(folder / "train.csv", review_rows(40))
+    write_csv(folder / "test.csv", review_rows(12, offset=100))
     task = {
         "data": {"train": "train.csv", "test": "test.csv"},  # beside the experiment file; validation carved
         "columns": {"text": "sentence", "label": "verdict"},
         "carve": {"validation": 0.25},
     }
-    assert run(tmp_path, classification(task)) == 0
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    experiment = classification(task)
+    experiment["arms"] = [{"name": "full", "lr": 1e-3}, *experiment["arms"]]
+    assert run(folder, experiment) == 0
+    return folder / "out"
+
+
+def test_a_classification_task_from_csv_files_runs_end_to_end_with_accuracy_and_macro_f1(classification_run):
+    report = json.loads((classification_run / "report.json").read_text())
     assert report["task"]["sizes"] == {"train": 30, "validation": 10, "test": 12}
     assert (
         report["task"]["origin"]["validation"].startswith("25% of ")
@@ -119,8 +128,48 @@ def test_a_classification_task_from_csv_files_runs_end_to_end_with_accuracy_and_
     )
     assert report["task"]["labels"] == ["bad", "good"] and report["task"]["metric"] == "accuracy"
     assert set(report["arms"]["lora"]["metrics"]) == {"accuracy", "macro_f1"}
-    text = (tmp_path / "out" / "report.md").read_text()
+    text = (classification_run / "report.md").read_text()
     assert "| macro-F1 % |" in text and "Splits: train 30" in text
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium to open report.html in (apt-get install chromium)")
+def test_the_html_report_renders_offline_in_a_headless_browser(classification_run, tmp_path):
+    page = classification_run / "report.html"
+    assert "http://" not in page.read_text().replace('xmlns="http://www.w3.org/2000/svg"', "")  # self-contained
+    browser = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    dom = subprocess.run(
+        [*browser, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert 'data-ready="yes"' in dom  # the page's script ran to its end
+    assert dom.count('<table class="sortable">') == 2 and dom.count("<tr>") >= 1 + 2 + 1 + 2
+    assert dom.count("<svg") == 3 and dom.count('class="arm"') == 3 * 2  # three plots, a point per arm in each
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [*browser, "--window-size=1100,1400", f"--screenshot={shot}", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    from matplotlib.image import imread
+
+    pixels = imread(shot)[..., :3]
+    assert pixels.shape[:2] == (1400, 1100)
+    dark = (pixels.mean(axis=-1) < 0.5).mean()
+    assert 0.005 < dark < 0.5, f"the screenshot is {dark:.1%} dark: the page did not render text and plots"
 
 
 def test_text_pairs_from_jsonl_parquet_and_a_save_to_disk_folder_read_the_same_rows(tmp_path):
@@ -404,7 +453,9 @@ def test_chats_train_only_on_the_last_turn_and_lose_their_oldest_tokens_first(ti
 
 
 def test_a_chat_turn_that_is_not_role_and_content_is_refused_naming_the_file(tmp_path):
-    write_jsonl(tmp_path / "chats.jsonl", [{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}] * 20)
+    write_jsonl(
+        tmp_path / "chats.jsonl", [{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}] * 20
+    )
     config = TaskConfig.model_validate(
         {"name": "c", "kind": "causal-lm", "root": str(tmp_path), "data": {"train": "chats.jsonl"}}
     )

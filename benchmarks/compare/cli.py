@@ -229,7 +229,7 @@ def check_device(device: str) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from peftkit_benchmarks.compare import plots, report, runner
+    from peftkit_benchmarks.compare import plots, report, runner, webpage
 
     if args.list:
         print(list_experiments())
@@ -262,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
     env["eval_split"] = args.eval_split
     result = report.build_report(experiment, raw, env, task)
     paths = report.write(result, args.out)
+    paths["html"] = webpage.write_html(result, args.out)
     pngs = plots.write_plots(result, args.out)
     print()
     print(report.markdown(result))

@@ -174,9 +174,6 @@ def build_report(
     }
 
 
-EXTRA_NAMES = {"macro_f1": "macro-F1 %", "completion_loss": "completion loss", "perplexity": "perplexity"}  # metrics reported beside the primary one
-
-
 def _size(n: int | None) -> str:
     if n is None:
         return "—"
@@ -227,7 +224,7 @@ def markdown(report: dict[str, Any]) -> str:
             else []
         ),
         f"| arm | trainable params | % of base | checkpoint | weights in memory | {metric} (mean ± sd, n) "
-        f"{''.join(f'| {EXTRA_NAMES.get(extra, extra)} ' for extra in extras)}| Δ vs full ({units}) |",
+        f"{''.join(f'| {scoring.DISPLAY_NAMES.get(extra, extra)} ' for extra in extras)}| Δ vs full ({units}) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | " + "---: | " * len(extras) + "---: |",
     ]
     for name, s in arms.items():

@@ -15,6 +15,9 @@ from pathlib import Path
 from peftkit_benchmarks.compare import data
 from peftkit_benchmarks.compare.task_config import TaskConfig, TaskError
 
+# how the metrics reported beside the primary one are headed
+DISPLAY_NAMES = {"macro_f1": "macro-F1 %", "completion_loss": "completion loss", "perplexity": "perplexity"}
+
 
 def metric_name(config: TaskConfig) -> str:
     """The task's primary metric: accuracy, the scorer's name, or exact match (generation) / perplexity (causal-lm)."""
