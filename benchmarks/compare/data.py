@@ -160,6 +160,8 @@ class Encoded:
     # generation only: where each row's answer starts (the prompt before it is not trained on, and is what the
     # model continues at evaluation)
     answer_starts: list[int] | None = None
+    # text pairs: which segment each token belongs to (0: the first text, 1: the second), where the model has them
+    token_type_ids: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -171,11 +173,16 @@ class Encoded:
 
 def encode(tokenizer, split: TextSplit, max_length: int) -> Encoded:
     """Tokenise without padding: batches are padded to their own longest row (most snippets are short)."""
-    if split.pairs is not None:
-        ids = tokenizer(split.texts, split.pairs, truncation=True, max_length=max_length, padding=False)["input_ids"]
-    else:
+    if split.pairs is None:
         ids = tokenizer(split.texts, truncation=True, max_length=max_length, padding=False)["input_ids"]
-    return Encoded([list(row) for row in ids], list(split.labels))
+        return Encoded([list(row) for row in ids], list(split.labels))
+    encoded = tokenizer(split.texts, split.pairs, truncation=True, max_length=max_length, padding=False)
+    segments = encoded.get("token_type_ids")
+    return Encoded(
+        [list(row) for row in encoded["input_ids"]],
+        list(split.labels),
+        token_type_ids=None if segments is None else [list(row) for row in segments],
+    )
 
 
 IGNORE_INDEX = -100
@@ -272,7 +279,13 @@ def collate(encoded: Encoded, indices: Sequence[int], pad_id: int, width: int | 
         labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
         for row, i in enumerate(indices):
             labels[row, : encoded.answer_starts[i]] = IGNORE_INDEX
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if encoded.token_type_ids is not None:
+        segments = torch.zeros_like(input_ids)
+        for row, i in enumerate(indices):
+            segments[row, : len(encoded.token_type_ids[i])] = torch.tensor(encoded.token_type_ids[i])
+        batch["token_type_ids"] = segments
+    return batch
 
 
 def epoch_batches(
