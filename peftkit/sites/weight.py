@@ -321,13 +321,21 @@ def register_weight_site(
     _REGISTERED_TYPES[module_type] = stands_for
 
 
+def packed_dtype(module: nn.Module) -> str | None:
+    """The dtype's name of a module's weight that is not floating point (packed quantised values), else None."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and not (weight.is_floating_point() or weight.is_complex()):
+        return str(weight.dtype).removeprefix("torch.")
+    return None
+
+
 def host_plugin_hint(module: nn.Module) -> str:
     """For a module whose weight is not floating point (a quantised layer of a type no plugin registered): how
     such a type becomes a host; else empty."""
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and not (weight.is_floating_point() or weight.is_complex()):
+    dtype = packed_dtype(module)
+    if dtype is not None:
         return (
-            f" Its weight is {str(weight.dtype).removeprefix('torch.')} (a quantised layer): a quantised layer type "
+            f" Its weight is {dtype} (a quantised layer): a quantised layer type "
             "becomes a host through a host plugin that calls peftkit.sites.register_weight_site (the peftkit.hosts "
             "entry points, docs/quantization.md)."
         )
@@ -359,10 +367,10 @@ def _unfollowable(module: nn.Module, module_type: type[nn.Module]) -> str | None
     if module_type in _REGISTERED_TYPES:
         return None
     name = type(module).__name__
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and not (weight.is_floating_point() or weight.is_complex()):
+    dtype = packed_dtype(module)
+    if dtype is not None:
         return (
-            f"{name}'s weight is {str(weight.dtype).removeprefix('torch.')}, not floating point (a quantised layer): "
+            f"{name}'s weight is {dtype}, not floating point (a quantised layer): "
             "peftkit adapts a quantised layer type only through a host plugin (the peftkit.hosts entry points; "
             "bitsandbytes' Linear4bit and Linear8bitLt are built in, docs/quantization.md); load the base in a "
             "floating-point dtype or leave this module out of the target"
