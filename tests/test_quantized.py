@@ -1,7 +1,8 @@
 """Adapters on bitsandbytes-quantised bases (QLoRA), loaded through transformers' own quantization_config path.
 
 bitsandbytes runs 4-bit NF4/FP4 and 8-bit forward and backward on CPU. HF PEFT is the oracle: on the same
-quantised tiny Llama, with the same adapter values, logits and adapter gradients agree to 1e-5 (fp32 compute). The
+quantised tiny Llama and GPT-2 (whose Conv1D projections the quantised load turns into bitsandbytes linears), with
+the same adapter values, logits and adapter gradients agree to 1e-5 (fp32 compute). The
 models are 64 wide: bitsandbytes' CPU inference path repacks 4-bit weights in blocks of 64 inputs and 32 outputs.
 """
 
@@ -39,6 +40,18 @@ def base_folder(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    """GPT-2 keeps its projections as Conv1D; transformers' quantised load turns them into bitsandbytes linears."""
+    folder = tmp_path_factory.mktemp("gpt2-64")
+    torch.manual_seed(0)
+    TINY_MODELS["gpt2-tiny"](n_embd=64).save_pretrained(folder)
+    return folder
+
+
+FAMILIES = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "attn.c_proj", "c_fc"]}
+
+
 def _quantized(folder, kind: str):
     fields = {**QUANTIZATIONS[kind], "bnb_4bit_compute_dtype": torch.float32}
     config = BitsAndBytesConfig(**fields)
@@ -65,13 +78,14 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("kind", sorted(QUANTIZATIONS))
 @pytest.mark.parametrize("rslora", [False, True])
-def test_qlora_logits_and_adapter_gradients_equal_peft(base_folder, kind, rslora):
-    targets = ["q_proj", "v_proj", "down_proj"]
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_qlora_logits_and_adapter_gradients_equal_peft(base_folder, gpt2_folder, family, kind, rslora):
+    folder, targets = (base_folder if family == "llama" else gpt2_folder), FAMILIES[family]
     peft_model = get_peft_model(
-        _quantized(base_folder, kind), LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_rslora=rslora)
+        _quantized(folder, kind), LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_rslora=rslora)
     )
     spec = {"adapters": {"default": [{"method": "lora", "target": targets, "r": 4, "alpha": 8.0, "rslora": rslora}]}}
-    model = peftkit.attach(_quantized(base_folder, kind), spec)
+    model = peftkit.attach(_quantized(folder, kind), spec)
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for parameter in (p for p in peft_model.parameters() if p.requires_grad):
