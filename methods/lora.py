@@ -333,8 +333,14 @@ class LoRA(Method):
         cls, peft_config: dict, tensors: dict[str, torch.Tensor], model: nn.Module, adapter_name: str
     ) -> tuple[list[dict], dict[str, torch.Tensor]]:
         from peftkit.errors import CheckpointError
-        from peftkit.interop.peft import peft_field, peft_value, peftkit_key, refuse_features, split_peft_key
-        from peftkit.regex import compile_fullmatch
+        from peftkit.interop.peft import (
+            pattern_value,
+            peft_field,
+            peft_value,
+            peftkit_key,
+            refuse_features,
+            split_peft_key,
+        )
 
         refuse_features(peft_config, cls._PEFT_UNSUPPORTED)
         init = peft_config.get("init_lora_weights")
@@ -344,22 +350,6 @@ class LoRA(Method):
                 "its adapter only fits the residual base saved beside it. Save it from PEFT with "
                 "path_initial_model_for_weight_conversion (a plain LoRA delta against the original base) and load that"
             )
-
-        def pattern_value(patterns: object, path: str, default: float) -> float:
-            # PEFT's rule: the pattern matches the whole path or a dotted suffix of it. The patterns come from a
-            # shared file, so they run on the linear-time engine; a bad one is a CheckpointError.
-            if not isinstance(patterns, dict):
-                raise CheckpointError(f"a PEFT pattern table must be a mapping, got {type(patterns).__name__}")
-            for pattern, value in patterns.items():
-                if not isinstance(pattern, str):
-                    raise CheckpointError(f"a PEFT pattern must be a string, got {pattern!r}")
-                try:
-                    matches = compile_fullmatch(rf"(?:.*\.)?(?:{pattern})", "PEFT pattern")
-                except (ValueError, TypeError) as error:
-                    raise CheckpointError(str(error)) from None
-                if matches(path):
-                    return value
-            return default
 
         factors: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in tensors.items():

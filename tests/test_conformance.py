@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import strategies as st
-from loha_method import LoHa
 from scale_method import Scale
 
 import peftkit
@@ -49,6 +48,10 @@ BUILTIN_CONFIGS = {
     "houlsby": _BOTTLENECK,
     "pfeiffer": _BOTTLENECK,
     "parallel": _BOTTLENECK,
+    "loha": st.fixed_dictionaries(
+        {"r": st.integers(1, 4), "alpha": st.floats(0.5, 16.0)},
+        optional={"rank_dropout": st.sampled_from([0.0, 0.3]), "module_dropout": st.sampled_from([0.0, 0.3])},
+    ),
     "ia3": st.fixed_dictionaries({}, optional={"feedforward": st.sampled_from([["optional:@ffn_output"], ["*"], []])}),
     "prompt": st.fixed_dictionaries({"length": st.integers(1, 4)}),
     "ptuning": st.fixed_dictionaries(
@@ -78,11 +81,8 @@ def test_builtin_methods_conform(method: str, prop: str) -> None:
     testing.check(prop, method, configs=BUILTIN_CONFIGS[method])
 
 
-# The methods of docs/examples, as a plugin author writes them: a scale (multiplicative) and LoHa (a dense update).
-OUTSIDE_METHODS = {
-    Scale: st.just({}),
-    LoHa: st.fixed_dictionaries({"r": st.integers(1, 4), "alpha": st.floats(0.5, 16.0)}),
-}
+# The method of docs/examples, as a plugin author writes it (a multiplicative scale).
+OUTSIDE_METHODS = {Scale: st.just({})}
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from peftkit.zoo import build_model
 peft = pytest.importorskip("peft", reason="the HF peft package (the oracle for these tests) is not installed")
 from peft import (  # noqa: E402
     IA3Config,
+    LoHaConfig,
     LoraConfig,
     PeftModel,
     PrefixTuningConfig,
@@ -186,6 +187,42 @@ def test_peftkit_ia3_exports_to_peft_with_equal_outputs(family, tmp_path):
     _close(*_peftkit_to_peft(family, spec, tmp_path, ones=True))
 
 
+LINEAR_FAMILIES = ["llama-tiny", "bert-tiny", "roberta-tiny"]  # PEFT's LoHa has no GPT-2 Conv1D form
+
+
+@pytest.mark.parametrize("family", LINEAR_FAMILIES)
+@pytest.mark.parametrize("variant", ["plain", "patterns", "dropouts"])
+def test_peft_loha_loads_in_peftkit_with_equal_outputs(family, variant, tmp_path):
+    targets = LORA_TARGETS[family]
+    extra = {
+        "plain": {},
+        "patterns": {"rank_pattern": {targets[0]: 3}, "alpha_pattern": {targets[1]: 2.5}},
+        "dropouts": {"rank_dropout": 0.2, "module_dropout": 0.1},  # training only: equal in eval
+    }[variant]
+    config = LoHaConfig(target_modules=targets, r=2, alpha=4.0, **extra)
+    _close(*_peft_to_peftkit(family, config, tmp_path))
+
+
+@pytest.mark.parametrize("family", LINEAR_FAMILIES)
+@pytest.mark.parametrize("variant", ["plain", "mixed_ranks"])
+def test_peftkit_loha_exports_to_peft_with_equal_outputs(family, variant, tmp_path):
+    targets = LORA_TARGETS[family]
+    entries = [{"method": "loha", "target": targets, "r": 2, "alpha": 4.0}]
+    if variant == "mixed_ranks":
+        entries = [
+            {"method": "loha", "target": targets[:1], "r": 3, "alpha": 1.5},
+            {"method": "loha", "target": targets[1:], "r": 2, "alpha": 4.0},
+        ]
+    _close(*_peftkit_to_peft(family, {"adapters": {"default": entries}}, tmp_path))
+
+
+def test_loha_on_a_gpt2_conv1d_is_not_exported_to_peft_and_says_why(tmp_path):
+    model = peftkit.attach(_base("gpt2-tiny"), {"adapters": {"default": [{"method": "loha", "target": "c_attn"}]}})
+    with pytest.raises(peftkit.PeftkitError, match=r"LoHa on .*c_attn' \(Conv1D\) is not exported"):
+        peftkit.to_peft(model, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_peft_prompt_tuning_loads_in_peftkit_with_equal_outputs(family, tmp_path):
     config = PromptTuningConfig(num_virtual_tokens=3, task_type=_task(family))
@@ -338,8 +375,8 @@ def test_a_checkpoint_for_another_architecture_is_refused_and_leaves_the_model_a
 
 def test_an_unknown_peft_type_lists_the_supported_ones(tmp_path):
     directory = _save_peft("llama-tiny", LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "c")
-    (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
-    _assert_refused_and_untouched("llama-tiny", directory, "LOHA", "LORA", "PREFIX_TUNING")
+    (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LOKR"}))
+    _assert_refused_and_untouched("llama-tiny", directory, "LOKR", "LOHA", "LORA", "PREFIX_TUNING")
 
 
 @pytest.mark.parametrize("text", ["not json", "[1, 2]", " " * (1024 * 1024 + 1)])

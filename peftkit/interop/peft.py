@@ -30,6 +30,7 @@ from peftkit.io import _saved_parameters, check_fits, fill, read_json_object
 from peftkit.keys import ADAPTER_CONTAINER
 from peftkit.lifecycle.attach import AttachedAdapter, attach, detach, get_state, require_state
 from peftkit.method import Method
+from peftkit.regex import compile_fullmatch
 from peftkit.registry import get_method, known_methods
 from peftkit.spec import Spec
 
@@ -84,6 +85,25 @@ _FIELD_KINDS: dict[str, tuple[str, Any]] = {
     ),
     "flag": ("true or false", lambda v: isinstance(v, bool)),
 }
+
+
+def pattern_value(patterns: object, path: str, default: Any) -> Any:
+    """The value a PEFT pattern table (``rank_pattern``, ``alpha_pattern``) gives module ``path``, else ``default``.
+
+    PEFT's rule: the pattern matches the whole path or a dotted suffix of it. The patterns come from a shared file,
+    so they run on the linear-time engine; a bad one is a CheckpointError."""
+    if not isinstance(patterns, dict):
+        raise CheckpointError(f"a PEFT pattern table must be a mapping, got {type(patterns).__name__}")
+    for pattern, value in patterns.items():
+        if not isinstance(pattern, str):
+            raise CheckpointError(f"a PEFT pattern must be a string, got {pattern!r}")
+        try:
+            matches = compile_fullmatch(rf"(?:.*\.)?(?:{pattern})", "PEFT pattern")
+        except (ValueError, TypeError) as error:
+            raise CheckpointError(str(error)) from None
+        if matches(path):
+            return value
+    return default
 
 
 def peft_field(peft_config: Mapping[str, Any], name: str, kind: str, default: Any = None) -> Any:
