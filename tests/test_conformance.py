@@ -48,9 +48,11 @@ BUILTIN_CONFIGS = {
     "houlsby": _BOTTLENECK,
     "pfeiffer": _BOTTLENECK,
     "parallel": _BOTTLENECK,
-    "loha": st.fixed_dictionaries(
-        {"r": st.integers(1, 4), "alpha": st.floats(0.5, 16.0)},
-        optional={"rank_dropout": st.sampled_from([0.0, 0.3]), "module_dropout": st.sampled_from([0.0, 0.3])},
+    # the dropouts of LoHa and LoKr act in training only (the quantised family runs in train mode): tests/test_lycoris.py
+    "loha": st.fixed_dictionaries({"r": st.integers(1, 4), "alpha": st.floats(0.5, 16.0)}),
+    "lokr": st.fixed_dictionaries(
+        {"r": st.integers(1, 6), "alpha": st.floats(0.5, 16.0)},
+        optional={"decompose_both": st.booleans(), "decompose_factor": st.sampled_from([-1, 2])},
     ),
     "ia3": st.fixed_dictionaries({}, optional={"feedforward": st.sampled_from([["optional:@ffn_output"], ["*"], []])}),
     "prompt": st.fixed_dictionaries({"length": st.integers(1, 4)}),

@@ -21,6 +21,7 @@ peft = pytest.importorskip("peft", reason="the HF peft package (the oracle for t
 from peft import (  # noqa: E402
     IA3Config,
     LoHaConfig,
+    LoKrConfig,
     LoraConfig,
     PeftModel,
     PrefixTuningConfig,
@@ -214,6 +215,38 @@ def test_peftkit_loha_exports_to_peft_with_equal_outputs(family, variant, tmp_pa
             {"method": "loha", "target": targets[1:], "r": 2, "alpha": 4.0},
         ]
     _close(*_peftkit_to_peft(family, {"adapters": {"default": entries}}, tmp_path))
+
+
+LOKR_VARIANTS = {
+    "plain": {"r": 2},
+    "decompose_both": {"r": 1, "decompose_both": True},
+    "factor": {"r": 2, "decompose_factor": 4},
+    "whole_factors": {"r": 16},  # r >= half of every factor's side: both kept whole
+    "dropouts": {"r": 2, "rank_dropout": 0.2, "rank_dropout_scale": True, "module_dropout": 0.1},
+}
+
+
+@pytest.mark.parametrize("family", LINEAR_FAMILIES)
+@pytest.mark.parametrize("variant", sorted(LOKR_VARIANTS))
+def test_peft_lokr_loads_in_peftkit_with_equal_outputs(family, variant, tmp_path):
+    config = LoKrConfig(target_modules=LORA_TARGETS[family], alpha=3.0, **LOKR_VARIANTS[variant])
+    _close(*_peft_to_peftkit(family, config, tmp_path))
+
+
+@pytest.mark.parametrize("family", LINEAR_FAMILIES)
+@pytest.mark.parametrize("variant", sorted(LOKR_VARIANTS))
+def test_peftkit_lokr_exports_to_peft_with_equal_outputs(family, variant, tmp_path):
+    entry = {"method": "lokr", "target": LORA_TARGETS[family], "alpha": 3.0, **LOKR_VARIANTS[variant]}
+    _close(*_peftkit_to_peft(family, {"adapters": {"default": [entry]}}, tmp_path))
+
+
+@pytest.mark.parametrize("variant", sorted(LOKR_VARIANTS))
+def test_lokr_counts_the_parameters_peft_makes(variant):
+    config = LoKrConfig(target_modules=LORA_TARGETS["llama-tiny"], **LOKR_VARIANTS[variant])
+    theirs = sum(p.numel() for p in get_peft_model(_base("llama-tiny"), config).parameters() if p.requires_grad)
+    entry = {"method": "lokr", "target": LORA_TARGETS["llama-tiny"], **LOKR_VARIANTS[variant]}
+    ours = peftkit.plan(_base("llama-tiny"), {"adapters": {"default": [entry]}})
+    assert sum(row.parameters for row in ours.rows) == theirs
 
 
 def test_loha_on_a_gpt2_conv1d_is_not_exported_to_peft_and_says_why(tmp_path):
