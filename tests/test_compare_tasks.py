@@ -343,6 +343,10 @@ def test_a_killed_compare_continues_where_it_stopped_and_a_changed_experiment_st
     started.clear()
     assert run(tmp_path, experiment, "--set", "budget.steps=3", "--fresh") == 0  # kept runs, but --fresh
     assert sorted(started) == [0, 1]
+    started.clear()
+    write_csv(tmp_path / "train.csv", review_rows(41))  # the data changed: its runs are redone
+    assert run(tmp_path, experiment, "--set", "budget.steps=3") == 0
+    assert sorted(started) == [0, 1]
 
 
 def test_an_arm_from_a_spec_file_joins_the_run_and_list_shows_the_shipped_experiments(tmp_path, capsys, monkeypatch):
@@ -455,3 +459,14 @@ def test_a_chat_turn_that_is_not_role_and_content_is_refused_naming_the_file(tmp
     )
     with pytest.raises(tasks.TaskError, match=r"chats\.jsonl: column 'messages': each turn is \{role: \.\.\., content"):
         tasks.load_task(config)
+
+
+def test_a_run_is_kept_when_only_the_experiment_files_folder_moved(tmp_path):
+    from peftkit_benchmarks.compare import resume
+    from peftkit_benchmarks.compare.experiment import load_experiment
+
+    shipped = load_experiment("minilm-rt-sentiment")
+    moved = shipped.model_copy(update={"task": shipped.task.model_copy(update={"root": str(tmp_path)})})
+    options = {"device": "cpu", "dtype": "fp32", "threads": 1, "eval_split": "test"}
+    assert resume.fingerprint(shipped, options, ["lora"]) == resume.fingerprint(moved, options, ["lora"])
+    assert resume.fingerprint(shipped, options, ["lora"]) != resume.fingerprint(shipped, options, ["full"])

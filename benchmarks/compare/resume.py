@@ -2,8 +2,9 @@
 
 Each finished (arm, seed) run, and the step-time probe, is written to ``OUT/runs/`` as one JSON file, atomically
 (a kill leaves the old file or the new one, never half of one). A run is reused only when what produced it is
-unchanged: its fingerprint covers the experiment without the other arms (model, task, budget, this arm) and the
-run options (device, dtype, threads, split scored), so adding an arm keeps every finished run of the others, while
+unchanged: its fingerprint covers the experiment without the other arms (model, task, budget, this arm), the data
+files the task reads (path, size and modification time; not where the experiment file lies) and the run options
+(device, dtype, threads, split scored), so adding an arm keeps every finished run of the others, while
 a change to the budget, the task or the arm itself discards that run, and the command says how many it discarded
 and why. The probe's fingerprint covers every arm, since it alternates them all.
 """
@@ -30,8 +31,26 @@ def fingerprint(experiment: Experiment, options: dict[str, Any], arms: list[str]
     described["arms"] = [arm for arm in described["arms"] if arm["name"] in arms]
     for dropped in ("name", "description", "default_arms"):  # labels and selection, not what is run
         described.pop(dropped, None)
-    text = json.dumps({"format": FORMAT, "experiment": described, "options": options}, sort_keys=True)
+    # where the experiment file lies is not what is run; the data files it names are, by path, size and age
+    described["task"].pop("root", None)
+    data = data_files(experiment)
+    text = json.dumps({"format": FORMAT, "experiment": described, "options": options, "data": data}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def data_files(experiment: Experiment) -> list[list]:
+    """(path, bytes, modification time) of every file or folder the task reads, resolved as the task resolves them."""
+    from peftkit_benchmarks.compare.tasks import resolve
+
+    source = experiment.task.data
+    if source is None or source.builtin is not None:
+        return []
+    named = [source.dataset] if source.dataset else [source.train, source.validation, source.test]
+    found = []
+    for path in (resolve(experiment.task.root, name) for name in named if name):
+        status = path.stat() if path.exists() else None
+        found.append([str(path.resolve()), status.st_size if status else None, status.st_mtime_ns if status else None])
+    return found
 
 
 @dataclass
