@@ -90,14 +90,13 @@ class LoKrAdapter(Adapter):
                 if hasattr(self, name):
                     nn.init.kaiming_uniform_(getattr(self, name), a=math.sqrt(5))
 
-    def _factor(self, whole: str, wide: bool) -> torch.Tensor:
-        held = getattr(self, whole, None)
-        if held is None:
-            held = (widened(getattr(self, f"{whole}_a")) if wide else getattr(self, f"{whole}_a")) @ (
-                widened(getattr(self, f"{whole}_b")) if wide else getattr(self, f"{whole}_b")
-            )
-            return held
-        return widened(held) if wide else held
+    def _factor(self, name: str, wide: bool) -> torch.Tensor:
+        """W1 or W2: the whole matrix, or its two rank-r factors multiplied."""
+        widen = widened if wide else (lambda tensor: tensor)
+        whole = getattr(self, name, None)
+        if whole is not None:
+            return widen(whole)
+        return widen(getattr(self, f"{name}_a")) @ widen(getattr(self, f"{name}_b"))
 
     def delta_weight(self, wide: bool = False) -> torch.Tensor:
         """The unscaled (d_out, d_in) update W1 ⊗ W2; ``wide``: in float32 or wider, for merging."""
