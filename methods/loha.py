@@ -20,10 +20,11 @@ import math
 from typing import Literal
 
 import torch
+from peftkit_methods.dense_update import DenseUpdateAdapter
 from pydantic import Field
 from torch import nn
 
-from peftkit import ALL_RULES, Adapter, Capabilities, Method, MethodConfig
+from peftkit import ALL_RULES, Capabilities, Method, MethodConfig
 from peftkit.sites import WeightSite, weight_site_types, widened
 
 
@@ -35,7 +36,7 @@ class LoHaConfig(MethodConfig):
     module_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="training: skip the adapter this often")
 
 
-class LoHaAdapter(Adapter):
+class LoHaAdapter(DenseUpdateAdapter):
     def __init__(self, config: LoHaConfig, site: WeightSite) -> None:
         super().__init__()
         self.site = site
@@ -54,21 +55,6 @@ class LoHaAdapter(Adapter):
         """The unscaled (d_out, d_in) update; ``wide``: in float32 or wider, for merging."""
         b1, a1, b2, a2 = (widened(t) if wide else t for t in (self.b1, self.a1, self.b2, self.a2))
         return (b1 @ a1) * (b2 @ a2)
-
-    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
-            return out
-        delta = self.delta_weight()
-        if self.training and self.rank_dropout:
-            kept = (torch.rand(delta.shape[0], device=delta.device) > self.rank_dropout).to(delta.dtype)
-            delta = delta * (kept / kept.mean().clamp(min=1.0 / delta.shape[0]))[:, None]
-        return self.site.add_dense_update_(out, x, delta, self.scaling)
-
-    def merge(self) -> None:
-        self.site.add_to_weight_(self.delta_weight(wide=True) * self.scaling)
-
-    def unmerge(self) -> None:
-        self.site.add_to_weight_(-self.delta_weight(wide=True) * self.scaling)
 
 
 class LoHa(Method):
@@ -96,14 +82,7 @@ class LoHa(Method):
         cls, peft_config: dict, tensors: dict[str, torch.Tensor], model: nn.Module, adapter_name: str
     ) -> tuple[list[dict], dict[str, torch.Tensor]]:
         from peftkit.errors import CheckpointError
-        from peftkit.interop.peft import (
-            pattern_value,
-            peft_field,
-            peft_value,
-            peftkit_key,
-            refuse_features,
-            split_peft_key,
-        )
+        from peftkit.interop.peft import peft_field, peftkit_key, rank_and_alpha, refuse_features, split_peft_key
 
         refuse_features(peft_config, cls._PEFT_UNSUPPORTED)
         factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -117,20 +96,12 @@ class LoHa(Method):
             if missing:
                 raise CheckpointError(f"LoHa module {path!r} lacks factors {missing} in the PEFT file")
             b1, a1, b2, a2 = held["b1"], held["a1"], held["b2"], held["a2"]
-            rank = a1.shape[0] if a1.dim() == 2 else -1
-            wanted = peft_value(
-                "a rank_pattern value",
-                pattern_value(peft_config.get("rank_pattern") or {}, path, peft_field(peft_config, "r", "count", rank)),
-                "count",
-            )
+            rank, alpha = rank_and_alpha(peft_config, path, "alpha")
             shapes_fit = all(t.dim() == 2 for t in (b1, a1, b2, a2)) and b1.shape == b2.shape and a1.shape == a2.shape
-            if not shapes_fit or b1.shape[1] != rank or wanted != rank:
+            if not shapes_fit or b1.shape[1] != rank or a1.shape[0] != rank:
                 shapes = {name: list(held[name].shape) for name in ("b1", "a1", "b2", "a2")}
-                raise CheckpointError(f"LoHa on {path!r}: factors {shapes} do not give rank {wanted}")
-            alpha = pattern_value(
-                peft_config.get("alpha_pattern") or {}, path, peft_field(peft_config, "alpha", "number", 8)
-            )
-            groups.setdefault((rank, float(peft_value("an alpha_pattern value", alpha, "number"))), []).append(path)
+                raise CheckpointError(f"LoHa on {path!r}: factors {shapes} do not give rank {rank}")
+            groups.setdefault((rank, alpha), []).append(path)
             for name in ("b1", "a1", "b2", "a2"):
                 state[peftkit_key(path, adapter_name, name)] = held[name]
         if not groups:
@@ -147,33 +118,18 @@ class LoHa(Method):
 
     @classmethod
     def to_peft(cls, attached: list, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
-        from collections import Counter
-
         from peftkit.errors import CheckpointError
-        from peftkit.interop.peft import peft_key
+        from peftkit.interop.peft import peft_key, rank_and_alpha_fields, refuse_unless_linear_hosts
 
-        for a in attached:
-            host = a.module.site.module
-            if type(a.module.site).__name__ != "LinearSite" or not isinstance(host, nn.Linear):
-                raise CheckpointError(
-                    f"LoHa on {a.path!r} ({type(host).__name__}) is not exported: PEFT's LoHa checkpoints hold "
-                    "nn.Linear hosts here (its Conv1D and embedding hosts have no PEFT LoHa form); save it with "
-                    "peftkit.save instead"
-                )
+        refuse_unless_linear_hosts(attached, "LoHa")
         for field in ("rank_dropout", "module_dropout"):
             if len({getattr(a.config, field) for a in attached}) > 1:
                 raise CheckpointError(f"a PEFT LoHa adapter has one {field}; this adapter's entries differ in it")
         ranks = {a.path: a.config.r for a in attached}
-        alphas = {a.path: a.config.alpha for a in attached}
-        rank = Counter(ranks.values()).most_common(1)[0][0]
-        alpha = Counter(alphas.values()).most_common(1)[0][0]
         names = {ours: theirs for theirs, ours in cls._PEFT_FACTORS.items()}
         tensors = {peft_key(a.path, names[n]): getattr(a.module, n) for a in attached for n in ("b1", "a1", "b2", "a2")}
         config = {
-            "r": rank,
-            "alpha": alpha,
-            "rank_pattern": {p: r for p, r in ranks.items() if r != rank},
-            "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
+            **rank_and_alpha_fields(ranks, {a.path: a.config.alpha for a in attached}, "alpha"),
             "target_modules": sorted(ranks),
             "rank_dropout": attached[0].config.rank_dropout,
             "module_dropout": attached[0].config.module_dropout,

@@ -23,10 +23,11 @@ import math
 from typing import Literal
 
 import torch
+from peftkit_methods.dense_update import DenseUpdateAdapter
 from pydantic import Field
 from torch import nn
 
-from peftkit import ALL_RULES, Adapter, Capabilities, Method, MethodConfig
+from peftkit import ALL_RULES, Capabilities, Method, MethodConfig
 from peftkit.sites import WeightSite, widened
 from peftkit.sites.weight import Conv1D
 
@@ -65,7 +66,7 @@ def shapes(config: LoKrConfig, site: WeightSite) -> tuple[tuple[int, int], tuple
     return (o1, i1), (o2, i2), whole_w1, whole_w2
 
 
-class LoKrAdapter(Adapter):
+class LoKrAdapter(DenseUpdateAdapter):
     def __init__(self, config: LoKrConfig, site: WeightSite) -> None:
         super().__init__()
         self.site = site
@@ -101,23 +102,6 @@ class LoKrAdapter(Adapter):
     def delta_weight(self, wide: bool = False) -> torch.Tensor:
         """The unscaled (d_out, d_in) update W1 ⊗ W2; ``wide``: in float32 or wider, for merging."""
         return torch.kron(self._factor("w1", wide), self._factor("w2", wide))
-
-    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
-            return out
-        delta = self.delta_weight()
-        if self.training and self.rank_dropout:
-            kept = (torch.rand(delta.shape[0], device=delta.device) > self.rank_dropout).to(delta.dtype)
-            if self.rank_dropout_scale:
-                kept = kept / kept.mean().clamp(min=1.0 / delta.shape[0])
-            delta = delta * kept[:, None]
-        return self.site.add_dense_update_(out, x, delta, self.scaling)
-
-    def merge(self) -> None:
-        self.site.add_to_weight_(self.delta_weight(wide=True) * self.scaling)
-
-    def unmerge(self) -> None:
-        self.site.add_to_weight_(-self.delta_weight(wide=True) * self.scaling)
 
 
 class LoKr(Method):
@@ -165,14 +149,7 @@ class LoKr(Method):
         cls, peft_config: dict, tensors: dict[str, torch.Tensor], model: nn.Module, adapter_name: str
     ) -> tuple[list[dict], dict[str, torch.Tensor]]:
         from peftkit.errors import CheckpointError
-        from peftkit.interop.peft import (
-            pattern_value,
-            peft_field,
-            peft_value,
-            peftkit_key,
-            refuse_features,
-            split_peft_key,
-        )
+        from peftkit.interop.peft import peft_field, peftkit_key, rank_and_alpha, refuse_features, split_peft_key
 
         refuse_features(peft_config, cls._PEFT_UNSUPPORTED)
         shared = {
@@ -194,21 +171,10 @@ class LoKr(Method):
         groups: dict[tuple[int, float], list[str]] = {}
         state: dict[str, torch.Tensor] = {}
         for path, held in factors.items():
-            rank = peft_value(
-                "a rank_pattern value",
-                pattern_value(peft_config.get("rank_pattern") or {}, path, peft_field(peft_config, "r", "count", 8)),
-                "count",
-            )
-            alpha = peft_value(
-                "an alpha_pattern value",
-                pattern_value(
-                    peft_config.get("alpha_pattern") or {}, path, peft_field(peft_config, "alpha", "number", 8)
-                ),
-                "number",
-            )
+            rank, alpha = rank_and_alpha(peft_config, path, "alpha")
             if any(t.dim() != 2 for t in held.values()):
                 raise CheckpointError(f"LoKr on {path!r} has factors that are not matrices (a convolution): not read")
-            groups.setdefault((rank, float(alpha)), []).append(path)
+            groups.setdefault((rank, alpha), []).append(path)
             for name, tensor in held.items():
                 state[peftkit_key(path, adapter_name, name)] = tensor
         if not groups:
@@ -222,35 +188,21 @@ class LoKr(Method):
 
     @classmethod
     def to_peft(cls, attached: list, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
-        from collections import Counter
-
         from peftkit.errors import CheckpointError
-        from peftkit.interop.peft import peft_key
+        from peftkit.interop.peft import peft_key, rank_and_alpha_fields, refuse_unless_linear_hosts
 
-        for a in attached:
-            host = a.module.site.module
-            if type(a.module.site).__name__ != "LinearSite" or not isinstance(host, nn.Linear):
-                raise CheckpointError(
-                    f"LoKr on {a.path!r} ({type(host).__name__}) is not exported: PEFT's LoKr checkpoints hold "
-                    "nn.Linear hosts here; save it with peftkit.save instead"
-                )
+        refuse_unless_linear_hosts(attached, "LoKr")
         for field in cls._PEFT_FIELDS:
             if len({getattr(a.config, field) for a in attached}) > 1:
                 raise CheckpointError(f"a PEFT LoKr adapter has one {field}; this adapter's entries differ in it")
         ranks = {a.path: a.config.r for a in attached}
-        alphas = {a.path: a.config.alpha for a in attached}
-        rank = Counter(ranks.values()).most_common(1)[0][0]
-        alpha = Counter(alphas.values()).most_common(1)[0][0]
         tensors = {
             peft_key(a.path, f"lokr_{name}"): parameter
             for a in attached
             for name, parameter in a.module.named_parameters(recurse=False)
         }
         config = {
-            "r": rank,
-            "alpha": alpha,
-            "rank_pattern": {p: r for p, r in ranks.items() if r != rank},
-            "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
+            **rank_and_alpha_fields(ranks, {a.path: a.config.alpha for a in attached}, "alpha"),
             "target_modules": sorted(ranks),
             **{field: getattr(attached[0].config, field) for field in cls._PEFT_FIELDS},
             "use_effective_conv2d": False,

@@ -396,12 +396,10 @@ class LoRA(Method):
 
     @classmethod
     def to_peft(cls, attached: list, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
-        from collections import Counter
-
         from transformers.pytorch_utils import Conv1D
 
         from peftkit.errors import CheckpointError
-        from peftkit.interop.peft import peft_key
+        from peftkit.interop.peft import peft_key, rank_and_alpha_fields
 
         configs = [a.config for a in attached]
         for field in ("rslora", "dropout"):
@@ -418,8 +416,6 @@ class LoRA(Method):
         configs = [cls.portable_config(a.config) if portable[a.path] else a.config for a in attached]
         ranks = {a.path: c.r for a, c in zip(attached, configs, strict=True)}
         alphas = {a.path: c.alpha for a, c in zip(attached, configs, strict=True)}
-        rank = Counter(ranks.values()).most_common(1)[0][0]
-        alpha = Counter(alphas.values()).most_common(1)[0][0]
         tensors = {}
         for a in attached:
             embedding = a.module.site.input_is_index
@@ -432,10 +428,7 @@ class LoRA(Method):
             tensors[peft_key(a.path, names[0])] = held["lora_a"]
             tensors[peft_key(a.path, names[1])] = held["lora_b"]
         config = {
-            "r": rank,
-            "lora_alpha": alpha,
-            "rank_pattern": {p: r for p, r in ranks.items() if r != rank},
-            "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
+            **rank_and_alpha_fields(ranks, alphas, "lora_alpha"),
             "target_modules": sorted(ranks),
             "lora_dropout": configs[0].dropout,
             "use_rslora": configs[0].rslora,

@@ -32,16 +32,22 @@ def test_a_decompose_factor_that_does_not_divide_the_weight_is_refused_by_name()
     assert get_state(model) is None and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("method", ["loha", "lokr"])
-def test_rank_dropout_zeroes_rows_of_the_update_in_training_only(method):
+def _randomised_adapter(method: str, **fields):
+    """One adapter of ``method`` on a 32-wide projection, its factors drawn at random (so that dW is not zero)."""
     torch.manual_seed(0)
     model = build_model("llama-tiny")
-    entry = {"method": method, "target": "layers.0.self_attn.q_proj", "rank_dropout": 0.5}
+    entry = {"method": method, "target": "layers.0.self_attn.q_proj", **fields}
     peftkit.attach(model, {"adapters": {"default": [entry]}})
     adapter = get_state(model).attached[0].module
     with torch.no_grad():
         for parameter in adapter.parameters():
             parameter.normal_()
+    return adapter
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_rank_dropout_zeroes_rows_of_the_update_in_training_only(method):
+    adapter = _randomised_adapter(method, rank_dropout=0.5)
     x = torch.randn(3, 32)
     out = torch.zeros(3, 32)
     adapter.eval()
@@ -55,14 +61,7 @@ def test_rank_dropout_zeroes_rows_of_the_update_in_training_only(method):
 
 @pytest.mark.parametrize("method", ["loha", "lokr"])
 def test_module_dropout_skips_the_whole_adapter_about_as_often_as_asked(method):
-    torch.manual_seed(0)
-    model = build_model("llama-tiny")
-    entry = {"method": method, "target": "layers.0.self_attn.q_proj", "module_dropout": 0.3}
-    peftkit.attach(model, {"adapters": {"default": [entry]}})
-    adapter = get_state(model).attached[0].module
-    with torch.no_grad():
-        for parameter in adapter.parameters():
-            parameter.normal_()
+    adapter = _randomised_adapter(method, module_dropout=0.3)
     adapter.train()
     x, out = torch.randn(2, 32), torch.zeros(2, 32)
     skipped = sum(bool((adapter(x, out.clone()) == 0).all()) for _ in range(400))

@@ -106,6 +106,46 @@ def pattern_value(patterns: object, path: str, default: Any) -> Any:
     return default
 
 
+def rank_and_alpha(peft_config: Mapping[str, Any], path: str, alpha_field: str) -> tuple[int, float]:
+    """Module ``path``'s rank and alpha in a PEFT config: ``r`` and ``alpha_field`` unless ``rank_pattern`` or
+    ``alpha_pattern`` name the module, each checked for its kind."""
+    rank = pattern_value(peft_config.get("rank_pattern") or {}, path, peft_field(peft_config, "r", "count", 8))
+    alpha = pattern_value(
+        peft_config.get("alpha_pattern") or {}, path, peft_field(peft_config, alpha_field, "number", 8)
+    )
+    return peft_value("a rank_pattern value", rank, "count"), float(
+        peft_value("an alpha_pattern value", alpha, "number")
+    )
+
+
+def rank_and_alpha_fields(ranks: Mapping[str, int], alphas: Mapping[str, float], alpha_field: str) -> dict[str, Any]:
+    """A PEFT config's ``r``, ``alpha_field``, ``rank_pattern`` and ``alpha_pattern`` for per-module ranks and alphas:
+    the most common value of each, and the modules that differ from it by their full path."""
+    from collections import Counter
+
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    return {
+        "r": rank,
+        alpha_field: alpha,
+        "rank_pattern": {path: r for path, r in ranks.items() if r != rank},
+        "alpha_pattern": {path: a for path, a in alphas.items() if a != alpha},
+    }
+
+
+def refuse_unless_linear_hosts(attached: list, method: str) -> None:
+    """Refuse an export whose adapters sit on anything but ``nn.Linear`` (PEFT's LyCORIS-family checkpoints have no
+    form for GPT-2's Conv1D or for embeddings), naming the first such host."""
+    for adapter in attached:
+        host = adapter.module.site.module
+        if type(adapter.module.site).__name__ != "LinearSite" or not isinstance(host, nn.Linear):
+            raise CheckpointError(
+                f"{method} on {adapter.path!r} ({type(host).__name__}) is not exported: PEFT's {method} checkpoints "
+                "hold nn.Linear hosts here (its Conv1D and embedding hosts have no PEFT form); save it with "
+                "peftkit.save instead"
+            )
+
+
 def peft_field(peft_config: Mapping[str, Any], name: str, kind: str, default: Any = None) -> Any:
     """The config's ``name`` (or ``default`` when absent or null), refused unless it is of ``kind``:
     ``count`` (a whole number >= 1), ``number`` (finite) or ``flag`` (a boolean). adapter_config.json is untrusted
