@@ -468,5 +468,8 @@ def test_a_run_is_kept_when_only_the_experiment_files_folder_moved(tmp_path):
     shipped = load_experiment("minilm-rt-sentiment")
     moved = shipped.model_copy(update={"task": shipped.task.model_copy(update={"root": str(tmp_path)})})
     options = {"device": "cpu", "dtype": "fp32", "threads": 1, "eval_split": "test"}
-    assert resume.fingerprint(shipped, options, ["lora"]) == resume.fingerprint(moved, options, ["lora"])
-    assert resume.fingerprint(shipped, options, ["lora"]) != resume.fingerprint(shipped, options, ["full"])
+    assert resume.fingerprint(shipped, options, ["lora"], 0) == resume.fingerprint(moved, options, ["lora"], 0)
+    assert resume.fingerprint(shipped, options, ["lora"], 0) != resume.fingerprint(shipped, options, ["full"], 0)
+    more_seeds = shipped.model_copy(update={"budget": shipped.budget.model_copy(update={"seeds": [0, 1, 2, 3]})})
+    assert resume.fingerprint(shipped, options, ["lora"], 1) == resume.fingerprint(more_seeds, options, ["lora"], 1)
+    assert resume.fingerprint(shipped, options, ["lora"], 0) != resume.fingerprint(shipped, options, ["lora"], 1)

@@ -4,7 +4,7 @@ Each finished (arm, seed) run, and the step-time probe, is written to ``OUT/runs
 (a kill leaves the old file or the new one, never half of one). A run is reused only when what produced it is
 unchanged: its fingerprint covers the experiment without the other arms (model, task, budget, this arm), the data
 files the task reads (path, size and modification time; not where the experiment file lies) and the run options
-(device, dtype, threads, split scored), so adding an arm keeps every finished run of the others, while
+(device, dtype, threads, split scored), so adding an arm or a seed keeps every finished run, while
 a change to the budget, the task or the arm itself discards that run, and the command says how many it discarded
 and why. The probe's fingerprint covers every arm, since it alternates them all.
 """
@@ -25,9 +25,12 @@ from peftkit.atomic import write_file_atomically
 FORMAT = 1
 
 
-def fingerprint(experiment: Experiment, options: dict[str, Any], arms: list[str]) -> str:
-    """A hash of everything that makes the runs of ``arms`` what they are."""
+def fingerprint(experiment: Experiment, options: dict[str, Any], arms: list[str], seed: int) -> str:
+    """A hash of everything that makes the run of ``arms`` with ``seed`` what it is: not the other seeds of the
+    budget, only whether this one is the first (the run that measures latency)."""
     described = experiment.model_dump(mode="json")
+    seeds = described["budget"].pop("seeds")
+    described["budget"]["seed"], described["budget"]["measures_latency"] = seed, seed == seeds[0]
     described["arms"] = [arm for arm in described["arms"] if arm["name"] in arms]
     for dropped in ("name", "description", "default_arms"):  # labels and selection, not what is run
         described.pop(dropped, None)

@@ -140,8 +140,8 @@ def run_experiment(experiment: Experiment, options: RunOptions) -> dict[str, Any
     total = len(jobs) * budget.steps + (budget.speed_probe_steps + 2 if probe else 0)
     runs, clock = [], RemainingTime()
     finished, described = resume.FinishedRuns.open(options.out, fresh=options.fresh), resume.run_options(options)
-    keys = {name: resume.fingerprint(experiment, described, [name]) for name in {name for _, name in jobs}}
-    kept = {(seed, name): finished.take(f"{name}-seed{seed}", keys[name]) for seed, name in jobs}
+    keys = {(seed, name): resume.fingerprint(experiment, described, [name], seed) for seed, name in jobs}
+    kept = {(seed, name): finished.take(f"{name}-seed{seed}", keys[(seed, name)]) for seed, name in jobs}
     reused = [f"{name} seed {seed}" for (seed, name), result in kept.items() if result is not None]
     if reused:
         print(f"peftkit compare: reusing {len(reused)} finished runs from {finished.folder}: {', '.join(reused)}")
@@ -152,7 +152,7 @@ def run_experiment(experiment: Experiment, options: RunOptions) -> dict[str, Any
         )
     with tqdm(total=total, unit="step", desc="peftkit compare", dynamic_ncols=True) as bar:
         for index, (seed, name) in enumerate(jobs, start=1):
-            key = keys[name]
+            key = keys[(seed, name)]
             if kept[(seed, name)] is not None:  # finished before this command was stopped: not redone
                 runs.append(kept[(seed, name)])
                 bar.update(budget.steps)
@@ -176,7 +176,7 @@ def run_experiment(experiment: Experiment, options: RunOptions) -> dict[str, Any
         probe_result = None
         if probe:
             names = [a.name for a in experiment.arms]
-            key = resume.fingerprint(experiment, described, names)
+            key = resume.fingerprint(experiment, described, names, budget.seeds[0])
             probe_result = finished.take("probe", key)
             if probe_result is None:
                 job = {**common, "mode": "probe", "seed": budget.seeds[0], "arms": names}
