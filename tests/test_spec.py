@@ -52,7 +52,10 @@ def test_from_file(tmp_path) -> None:
         ({"method": "lora", "target": "re:(", "r": 2}, "is not a regex peftkit runs: missing )"),
         ({"method": "lora", "target": "x", "rank": 2}, "adapters.a.0.rank: Extra inputs are not permitted"),
         ({"method": "lora", "target": "x", "r": "8"}, "adapters.a.0.r: Input should be a valid integer"),
-        ({"method": "lorra", "target": "x"}, "known methods: dora, houlsby, ia3, loha, lokr, lora, lora-experts, parallel"),
+        (
+            {"method": "lorra", "target": "x"},
+            "known methods: dora, houlsby, ia3, loha, lokr, lora, lora-experts, parallel",
+        ),
         ({"target": "x"}, "adapters.a.0.method: required"),
         ({"method": "lora"}, "adapters.a.0.target: Field required"),
     ],
