@@ -74,6 +74,7 @@ class LoKrAdapter(DenseUpdateAdapter):
         self.rank_dropout, self.module_dropout = config.rank_dropout, config.module_dropout
         self.rank_dropout_scale = config.rank_dropout_scale
         (o1, i1), (o2, i2), whole_w1, whole_w2 = shapes(config, site)
+        self.inner = (i1, i2)
         like = {"device": site.device, "dtype": site.dtype}
         # W1 starts at zero (a zero W1a when W1 is a product), so dW = 0: the adapted model starts as the base
         if whole_w1:
@@ -102,6 +103,26 @@ class LoKrAdapter(DenseUpdateAdapter):
     def delta_weight(self, wide: bool = False) -> torch.Tensor:
         """The unscaled (d_out, d_in) update W1 ⊗ W2; ``wide``: in float32 or wider, for merging."""
         return torch.kron(self._factor("w1", wide), self._factor("w2", wide))
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """On a host that is a linear map of its features, (W1 ⊗ W2) x without building W1 ⊗ W2: with x's features
+        laid out as an i1 x i2 matrix X, the update's output is W1 X W2ᵀ, laid out as o1 x o2 (o1·i1·i2 + o1·i2·o2
+        multiplications a token instead of d_out·d_in). Other hosts (a lookup, a convolution, a layer that casts its
+        input) take the dense update."""
+        if self.site.input_is_index or type(self.site).project_in is not WeightSite.project_in:
+            return super().forward(x, out)
+        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
+            return out
+        w1, w2 = self._factor("w1", False).to(x.dtype), self._factor("w2", False).to(x.dtype)
+        features = x.reshape(*x.shape[:-1], *self.inner)  # "... (i1 i2) -> ... i1 i2"
+        update = torch.matmul(torch.matmul(w1, features), w2.t())  # "... o1 o2"
+        update = update.reshape(*x.shape[:-1], -1) * self.scaling  # "... o1 o2 -> ... (o1 o2)"
+        if self.training and self.rank_dropout:  # a row of dW is an output feature
+            kept = (torch.rand(update.shape[-1], device=update.device) > self.rank_dropout).to(update.dtype)
+            if self.rank_dropout_scale:
+                kept = kept / kept.mean().clamp(min=1.0 / update.shape[-1])
+            update = update * kept
+        return out + update.to(out.dtype)
 
 
 class LoKr(Method):

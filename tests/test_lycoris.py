@@ -74,3 +74,29 @@ def test_lokr_on_a_gpt2_conv1d_trains_but_is_not_exported_to_peft(tmp_path):
     assert any(p.requires_grad for p in model.parameters())
     with pytest.raises(peftkit.PeftkitError, match=r"LoKr on .*c_attn' \(Conv1D\) is not exported"):
         peftkit.to_peft(model, tmp_path / "export")
+
+
+@given(
+    d_in=st.sampled_from([4, 6, 12, 16, 30]),
+    d_out=st.sampled_from([4, 8, 9, 20]),
+    r=st.integers(1, 6),
+    decompose_both=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_lokr_on_a_linear_computes_the_kronecker_update_without_building_it(d_in, d_out, r, decompose_both, seed):
+    """The factored forward equals the host running the dense W1 ⊗ W2, outputs and gradients (float64)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(d_in, d_out)).double()
+    entry = {"method": "lokr", "target": "0", "r": r, "decompose_both": decompose_both}
+    peftkit.attach(model, {"adapters": {"default": [entry]}})
+    adapter = get_state(model).attached[0].module
+    with torch.no_grad():
+        for parameter in adapter.parameters():
+            parameter.normal_()
+    x = torch.randn(3, 5, d_in, dtype=torch.float64)
+    factored = adapter(x, torch.zeros(3, 5, d_out, dtype=torch.float64))
+    dense = lokr.DenseUpdateAdapter.forward(adapter, x, torch.zeros(3, 5, d_out, dtype=torch.float64))
+    torch.testing.assert_close(factored, dense, rtol=1e-10, atol=1e-10)
+    grads = [torch.autograd.grad(y.square().sum(), list(adapter.parameters())) for y in (factored, dense)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
