@@ -19,14 +19,23 @@ class DenseUpdateAdapter(Adapter):
         """The unscaled (d_out, d_in) update; ``wide``: in float32 or wider, for merging."""
         raise NotImplementedError
 
+    def skips_this_forward(self) -> bool:
+        """``module_dropout``: whether the adapter sits this training forward out."""
+        return self.training and bool(self.module_dropout) and bool(torch.rand(()) < self.module_dropout)
+
+    def kept_rows(self, rows: int, like: torch.Tensor) -> torch.Tensor | None:
+        """``rank_dropout``: a weight per row of dW (per output feature), zero for a dropped row; None when off."""
+        if not (self.training and self.rank_dropout):
+            return None
+        kept = (torch.rand(rows, device=like.device) > self.rank_dropout).to(like.dtype)
+        return kept / kept.mean().clamp(min=1.0 / rows) if self.rank_dropout_scale else kept
+
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
+        if self.skips_this_forward():
             return out
         delta = self.delta_weight()
-        if self.training and self.rank_dropout:
-            kept = (torch.rand(delta.shape[0], device=delta.device) > self.rank_dropout).to(delta.dtype)
-            if self.rank_dropout_scale:
-                kept = kept / kept.mean().clamp(min=1.0 / delta.shape[0])
+        kept = self.kept_rows(delta.shape[0], delta)
+        if kept is not None:
             delta = delta * kept[:, None]
         return self.site.add_dense_update_(out, x, delta, self.scaling)
 

@@ -111,16 +111,14 @@ class LoKrAdapter(DenseUpdateAdapter):
         input) take the dense update."""
         if self.site.input_is_index or type(self.site).project_in is not WeightSite.project_in:
             return super().forward(x, out)
-        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
+        if self.skips_this_forward():
             return out
         w1, w2 = self._factor("w1", False).to(x.dtype), self._factor("w2", False).to(x.dtype)
         features = x.reshape(*x.shape[:-1], *self.inner)  # "... (i1 i2) -> ... i1 i2"
         update = torch.matmul(torch.matmul(w1, features), w2.t())  # "... o1 o2"
         update = update.reshape(*x.shape[:-1], -1) * self.scaling  # "... o1 o2 -> ... (o1 o2)"
-        if self.training and self.rank_dropout:  # a row of dW is an output feature
-            kept = (torch.rand(update.shape[-1], device=update.device) > self.rank_dropout).to(update.dtype)
-            if self.rank_dropout_scale:
-                kept = kept / kept.mean().clamp(min=1.0 / update.shape[-1])
+        kept = self.kept_rows(update.shape[-1], update)  # a row of dW is an output feature
+        if kept is not None:
             update = update * kept
         return out + update.to(out.dtype)
 

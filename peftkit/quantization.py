@@ -119,10 +119,9 @@ def quantize_built_model(model: nn.Module, quantization: Quantization, *, device
 
 
 def is_quantized(model: nn.Module) -> bool:
-    """Whether transformers loaded ``model`` quantised (its loading path leaves its quantiser on the model)."""
-    return getattr(model, "hf_quantizer", None) is not None or any(
-        not parameter.is_floating_point() for parameter in model.parameters()
-    )
+    """Whether transformers loaded ``model`` quantised (its loading path leaves its quantiser on the model): such a
+    model was placed on its device by the load and cannot be moved afterwards."""
+    return getattr(model, "hf_quantizer", None) is not None
 
 
 def prepare_for_kbit_training(model: nn.Module, *, gradient_checkpointing: bool = False) -> nn.Module:

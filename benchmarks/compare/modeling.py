@@ -16,7 +16,7 @@ import torch
 from peftkit_benchmarks.compare.experiment import Arm, ModelSource
 from torch import nn
 
-from peftkit.quantization import Quantization
+from peftkit.quantization import Quantization, is_quantized
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched: the weights ship in a package
 
@@ -195,7 +195,7 @@ def weight_bytes(model: nn.Module) -> int:
 
 def place(model: nn.Module, device: torch.device) -> nn.Module:
     """Move a model to the device, unless transformers loaded it quantised there already (it cannot move)."""
-    return model if getattr(model, "hf_quantizer", None) is not None else model.to(device)
+    return model if is_quantized(model) else model.to(device)
 
 
 def merged_copy(model: nn.Module, arm: Arm) -> nn.Module | None:

@@ -203,7 +203,7 @@ def markdown(report: dict[str, Any]) -> str:
     if not task_info.get("higher_is_better", True):
         metric += ", lower is better"
     units = "points" if scale == 100 else task_info["metric"]
-    extras = [m for m in next(iter(arms.values()))["metrics"] if m != task_info["metric"].replace(" ", "_")]
+    extras = scoring.beside_primary(arms, task_info)
     lines = [
         f"### {experiment['name']}: {task['name']}, {budget['steps']} steps × batch {budget['batch_size']}, "
         f"seeds {budget['seeds']}",

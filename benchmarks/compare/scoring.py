@@ -19,6 +19,12 @@ from peftkit_benchmarks.compare.task_config import TaskConfig, TaskError
 DISPLAY_NAMES = {"macro_f1": "macro-F1 %", "completion_loss": "completion loss", "perplexity": "perplexity"}
 
 
+def beside_primary(arms: dict, task: dict) -> list[str]:
+    """The metric keys a report shows beside the task's primary metric (macro-F1, a perplexity beside a scorer)."""
+    primary = task["metric"].replace(" ", "_")  # the primary's display name, as the key the worker stored it under
+    return [name for name in next(iter(arms.values()))["metrics"] if name != primary]
+
+
 def metric_name(config: TaskConfig) -> str:
     """The task's primary metric: accuracy, the scorer's name, or exact match (generation) / perplexity (causal-lm)."""
     if config.kind == "classification":

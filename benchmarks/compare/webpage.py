@@ -145,7 +145,7 @@ def page(report: dict[str, Any]) -> str:
     ratios = report.get("ratios_to_full", {})
     scale, better = task["scale"], task.get("higher_is_better", True)
     metric = f"{task['metric']}{' %' if scale == 100 else ''}"
-    extras = [m for m in next(iter(arms.values()))["metrics"] if m != task["metric"].replace(" ", "_")]
+    extras = scoring.beside_primary(arms, task)
     cuda = env["device"].startswith("cuda")
 
     def memory(s: dict[str, Any]) -> float:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from peftkit.errors import PeftkitError
+from peftkit.quantization import is_quantized
 
 Strategy = Literal["ddp", "fsdp2"]
 T = TypeVar("T")
@@ -153,7 +154,7 @@ def wrap(model: nn.Module, strategy: Strategy, runtime: Runtime) -> nn.Module:
     Only parameters with ``requires_grad`` (the adapters) get gradients, so only they are all-reduced (DDP) or
     reduce-scattered (FSDP2); FSDP2 shards the frozen base as well, which is where its memory saving comes from.
     """
-    if getattr(model, "hf_quantizer", None) is None:  # a quantised model was loaded onto its device
+    if not is_quantized(model):  # a quantised model was loaded onto its device
         model.to(runtime.device)
     if not runtime.distributed:
         return model
