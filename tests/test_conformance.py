@@ -54,6 +54,18 @@ BUILTIN_CONFIGS = {
         {"r": st.integers(1, 6), "alpha": st.floats(0.5, 16.0)},
         optional={"decompose_both": st.booleans(), "decompose_factor": st.sampled_from([-1, 2])},
     ),
+    # block sizes that divide some of every family's widths; the block dropouts act in training only (see above)
+    "oft": st.fixed_dictionaries(
+        {"block_size": st.sampled_from([2, 3, 4])},
+        optional={
+            "block_share": st.booleans(),
+            "cayley": st.sampled_from(["neumann", "exact"]),
+            "neumann_terms": st.integers(2, 6),
+            "coft": st.booleans(),
+            "eps": st.floats(1e-3, 1.0),
+        },
+    ),
+    "boft": st.fixed_dictionaries({"block_size": st.sampled_from([2, 4]), "butterfly_factors": st.integers(1, 2)}),
     "ia3": st.fixed_dictionaries({}, optional={"feedforward": st.sampled_from([["optional:@ffn_output"], ["*"], []])}),
     "prompt": st.fixed_dictionaries({"length": st.integers(1, 4)}),
     "ptuning": st.fixed_dictionaries(

@@ -408,8 +408,8 @@ def test_a_checkpoint_for_another_architecture_is_refused_and_leaves_the_model_a
 
 def test_an_unknown_peft_type_lists_the_supported_ones(tmp_path):
     directory = _save_peft("llama-tiny", LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "c")
-    (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "BOFT"}))
-    _assert_refused_and_untouched("llama-tiny", directory, "BOFT", "LOHA", "LOKR", "LORA", "PREFIX_TUNING")
+    (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "VBLORA"}))
+    _assert_refused_and_untouched("llama-tiny", directory, "VBLORA", "BOFT", "LOHA", "LOKR", "LORA", "OFT")
 
 
 @pytest.mark.parametrize("text", ["not json", "[1, 2]", " " * (1024 * 1024 + 1)])

@@ -26,8 +26,9 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None, *, untie: 
     shared tensor while it is merged; :func:`unmerge` puts the shared tensor back, untouched.
     """
     state = require_state(model)
-    chosen = [a for a in mergeable_choice(state, names) if not a.module.merged]
+    chosen = input_transforms_last([a for a in mergeable_choice(state, names) if not a.module.merged])
     refusals = [(a, reason) for a in chosen if (reason := _host_refusal(a) or a.module.merge_refusal())]
+    refusals += [(a, reason) for a in chosen if (reason := _left_unmerged_beside(state, a, chosen))]
     if refusals:
         attached, reason = refusals[0]
         raise AttachError(
@@ -84,7 +85,12 @@ def mergeable_choice(state: ModelState, names: Iterable[str] | None) -> list[Att
 def unmerge(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
     """Undo :func:`merge` (exact up to the rounding of the weight's dtype)."""
     state = require_state(model)
-    for attached in state.adapters(names):
+    chosen = [a for a in state.adapters(names) if a.module.merged]
+    for attached in chosen:
+        reason = _left_merged_beside(state, attached, chosen)
+        if reason:
+            raise AttachError(f"cannot unmerge adapter {attached.adapter_name!r} at {attached.path!r}: {reason}")
+    for attached in reversed(input_transforms_last(chosen)):
         if attached.module.merged:
             attached.module.unmerge()
             attached.module.merged = False
@@ -106,3 +112,48 @@ def _host_refusal(attached: AttachedAdapter) -> str | None:
     """The host's own reason not to take a merge (its site's ``merge_refusal``: a quantised weight), if any."""
     refusal = getattr(getattr(attached.module, "site", None), "merge_refusal", None)
     return refusal() if callable(refusal) else None
+
+
+# An adapter that changes its host's input (``Adapter.transforms_input``: OFT's rotation, IA3's input scale) acts on
+# the whole host, the other adapters' updates included: unmerged, the host computes (W + dW_others) T x. The merged
+# weight must therefore take the others first and the transform last, and unmerging undoes them in reverse; merging
+# the transform alone while another adapter at its host stays unmerged would leave that adapter seeing x, not T x.
+def input_transforms_last(adapters: list[AttachedAdapter]) -> list[AttachedAdapter]:
+    """``adapters`` in merge order: attach order, except that input transforms come after the rest."""
+    return sorted(adapters, key=lambda a: bool(a.module.transforms_input))
+
+
+def _left_unmerged_beside(state: ModelState, attached: AttachedAdapter, chosen: list[AttachedAdapter]) -> str | None:
+    if not attached.module.transforms_input:
+        return None
+    others = [
+        a.adapter_name
+        for a in state.attached
+        if a.path == attached.path
+        and a is not attached
+        and a.adapter_name in state.active
+        and not a.module.merged
+        and a not in chosen
+    ]
+    if others:
+        return (
+            f"it changes its host's input, which the active adapters {others} at the same host read; merging it alone "
+            "would change what they compute. Merge them together (or deactivate them first)"
+        )
+    return None
+
+
+def _left_merged_beside(state: ModelState, attached: AttachedAdapter, chosen: list[AttachedAdapter]) -> str | None:
+    if attached.module.transforms_input:
+        return None
+    transforms = [
+        a.adapter_name
+        for a in state.attached
+        if a.path == attached.path and a.module.transforms_input and a.module.merged and a not in chosen
+    ]
+    if transforms:
+        return (
+            f"the input transform(s) {transforms} at the same host were merged after it and stay merged; unmerge "
+            "them together"
+        )
+    return None
