@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from peftkit_methods.orthogonal import Factor, OrthogonalAdapter, cayley, layout_refusal
+from peftkit_methods.orthogonal import Factor, HalfBlockShuffle, OrthogonalAdapter, cayley, layout_refusal
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -50,14 +50,15 @@ class BOFTConfig(MethodConfig):
         return features // size, size
 
 
+def butterfly_shuffle(size: int, factor: int) -> HalfBlockShuffle:
+    """P_(factor+1): in each run of ``size·2^factor`` features, the half-blocks (``size/2`` wide) of even index
+    first, then the odd ones."""
+    return HalfBlockShuffle(run=size * 2**factor, half=max(size // 2, 1))
+
+
 def butterfly_permutation(features: int, size: int, factor: int) -> torch.Tensor:
-    """P_(factor+1) as indices (``P[i, perm[i]] = 1``): in each run of ``size·2^factor`` features, the half-blocks
-    (``size/2`` wide) of even index first, then the odd ones. Factor 0 is the identity."""
-    half = max(size // 2, 1)
-    run = size * 2**factor
-    order = torch.cat([torch.arange(0, run // half, 2), torch.arange(1, run // half, 2)])
-    within = (order[:, None] * half + torch.arange(half)).reshape(-1)  # "k h -> (k h)"
-    return (torch.arange(0, features, run)[:, None] + within).reshape(-1)
+    """P_(factor+1) as indices (``P[i, perm[i]] = 1``), as PEFT writes it: what the tests compare with PEFT's."""
+    return butterfly_shuffle(size, factor).apply(torch.arange(features))
 
 
 class BOFTAdapter(OrthogonalAdapter):
@@ -69,17 +70,12 @@ class BOFTAdapter(OrthogonalAdapter):
         like = {"device": site.device, "dtype": site.dtype}
         self.generators = nn.Parameter(torch.zeros(config.butterfly_factors, count, size, size, **like))  # R = I
         self.scale = nn.Parameter(torch.ones(site.out_features, **like))
-        for factor in range(1, config.butterfly_factors):  # the first factor's permutation is the identity
-            permutation = butterfly_permutation(site.in_features, size, factor).to(site.device)
-            self.register_buffer(f"permutation_{factor}", permutation, persistent=False)
+        self.shuffles = [None, *(butterfly_shuffle(size, f) for f in range(1, config.butterfly_factors))]  # P_1 = I
 
     def factors(self) -> list[Factor]:
         generators = self.generators.to(torch.promote_types(self.generators.dtype, torch.float32))
         rotations = cayley(0.5 * (generators - generators.transpose(-1, -2)), None)
-        return [
-            (None if factor == 0 else getattr(self, f"permutation_{factor}"), rotations[factor])
-            for factor in range(rotations.shape[0])
-        ]
+        return list(zip(self.shuffles, rotations.unbind(0), strict=True))
 
     def feature_scale(self) -> torch.Tensor:
         return self.scale

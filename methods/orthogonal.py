@@ -14,12 +14,35 @@ PEFT's default for OFT). Q = 0 gives R = I either way: a fresh adapter leaves th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from peftkit import Adapter
 from peftkit.sites import WeightSite, widened
 
-Factor = tuple[torch.Tensor | None, torch.Tensor]  # (permutation of the features or None, blocks (D, b, b))
+
+@dataclass(frozen=True)
+class HalfBlockShuffle:
+    """BOFT's butterfly permutation of the features: in each run of ``run`` features, the half-blocks (``half``
+    features each) of even index first, then the odd ones. A view and a transpose, not a gather: its backward is a
+    transpose too, where an index's backward would scatter."""
+
+    run: int
+    half: int
+
+    def apply(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows[..., perm]``: "... (r k two h) -> ... (r two k h)" with k·two half-blocks a run."""
+        grouped = rows.reshape(*rows.shape[:-1], -1, self.run // (2 * self.half), 2, self.half)
+        return grouped.transpose(-3, -2).reshape(rows.shape)
+
+    def undo(self, rows: torch.Tensor) -> torch.Tensor:
+        """The inverse: "... (r two k h) -> ... (r k two h)"."""
+        grouped = rows.reshape(*rows.shape[:-1], -1, 2, self.run // (2 * self.half), self.half)
+        return grouped.transpose(-3, -2).reshape(rows.shape)
+
+
+Factor = tuple[HalfBlockShuffle | None, torch.Tensor]  # (the features' permutation or None, blocks (D, b, b))
 
 
 def cayley(skew: torch.Tensor, neumann_terms: int | None) -> torch.Tensor:
@@ -41,14 +64,15 @@ def cayley(skew: torch.Tensor, neumann_terms: int | None) -> torch.Tensor:
     return rotation + power @ skew
 
 
-def apply_factor(rows: torch.Tensor, permutation: torch.Tensor | None, blocks: torch.Tensor) -> torch.Tensor:
-    """``rows · P · diag(blocks) · Pᵀ`` over the last axis, with ``P[i, permutation[i]] = 1``."""
+def apply_factor(rows: torch.Tensor, permutation: HalfBlockShuffle | None, blocks: torch.Tensor) -> torch.Tensor:
+    """``rows · P · diag(blocks) · Pᵀ`` over the last axis, where ``v · P = permutation.undo(v)`` (with
+    ``P[i, perm[i]] = 1``, ``(v · P)[j] = v[perm⁻¹[j]]``) and ``v · Pᵀ = permutation.apply(v)``."""
     if permutation is not None:
-        rows = rows[..., torch.argsort(permutation)]
+        rows = permutation.undo(rows)
     count, size = blocks.shape[0], blocks.shape[-1]
     grouped = rows.reshape(*rows.shape[:-1], count, size)  # "... (d b) -> ... d b"
     rotated = torch.einsum("...dk,dkc->...dc", grouped, blocks).reshape(rows.shape)
-    return rotated if permutation is None else rotated[..., permutation]
+    return rotated if permutation is None else permutation.apply(rotated)
 
 
 def divisors_near(number: int, wanted: int) -> list[int]:

@@ -30,7 +30,17 @@ from peftkit.lifecycle.combine import combine
 from peftkit.lifecycle.merging import merge, unmerge
 from peftkit.lifecycle.optimizer import parameter_groups
 from peftkit.lifecycle.precision import merge_error
-from peftkit.method import ALL_RULES, DEFAULT_RULES, Adapter, Capabilities, Method, MethodConfig, ParameterGroup
+from peftkit.lifecycle.schedule import after_optimizer_step, check_schedule, regularization
+from peftkit.method import (
+    ALL_RULES,
+    DEFAULT_RULES,
+    Adapter,
+    Capabilities,
+    Method,
+    MethodConfig,
+    ParameterGroup,
+    SharedState,
+)
 from peftkit.quantization import Quantization, load_quantized, prepare_for_kbit_training
 from peftkit.registry import (
     broken_plugins,
@@ -61,14 +71,17 @@ __all__ = [
     "PlanRow",
     "Quantization",
     "RegistryError",
+    "SharedState",
     "Spec",
     "SpecError",
     "TargetingError",
     "TrainableParameters",
     "activate",
     "active_adapters",
+    "after_optimizer_step",
     "attach",
     "broken_plugins",
+    "check_schedule",
     "combine",
     "detach",
     "disabled",
@@ -90,6 +103,7 @@ __all__ = [
     "rediscover",
     "register_method",
     "registered",
+    "regularization",
     "route",
     "save",
     "set_trainable",

@@ -25,7 +25,7 @@ from torch import nn
 
 from peftkit.atomic import write_file_atomically
 from peftkit.errors import AttachError, CheckpointError, PeftkitError
-from peftkit.keys import ADAPTER_CONTAINER
+from peftkit.keys import ADAPTER_CONTAINER, SHARED_CHILD
 from peftkit.lifecycle.attach import attach, detach, get_state, plan, plan_trainable_paths, require_state
 from peftkit.lifecycle.rewrite import rewrites_base
 from peftkit.spec import Spec
@@ -194,18 +194,20 @@ def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def check_planned_sizes(planned: Any, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
-    """Refuse a spec whose adapters would not be the size of the file's tensors, before any adapter is built: a
-    1 KB file whose spec asks for r = 10^8 must not allocate gigabytes to find out that nothing fits."""
+    """Refuse a spec whose adapters would be larger than the file's tensors, before any adapter is built: a 1 KB file
+    whose spec asks for r = 10^8 must not allocate gigabytes to find out that nothing fits. A file may hold more
+    than the parameters (an adapter's saved buffers, such as AdaLoRA's kept ranks); ``check_fits`` then compares
+    every key and shape exactly, once the adapters are built."""
     held: dict[tuple[str, str], int] = {}
     for key, shape in shapes.items():
         parts = key.split(".")
-        if ADAPTER_CONTAINER in parts:
+        if ADAPTER_CONTAINER in parts and SHARED_CHILD not in parts:  # shared tensors: checked by check_fits
             at = parts.index(ADAPTER_CONTAINER)
             owner = (".".join(parts[:at]), parts[at + 1])
             held[owner] = held.get(owner, 0) + math.prod(shape)
     for row in planned.rows:
         found = held.get((row.path, row.adapter), 0)
-        if row.parameters != found:
+        if row.parameters > found:
             raise CheckpointError(
                 f"{source} does not fit its own spec (missing keys or shape mismatch): the spec gives adapter {row.adapter!r} at "
                 f"{row.path!r} {row.parameters:,} parameters, its tensors hold {found:,}; nothing was built"

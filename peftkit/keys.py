@@ -7,3 +7,5 @@ Each adapted module holds its adapters in a ``ModuleDict`` attribute of this nam
 from __future__ import annotations
 
 ADAPTER_CONTAINER = "peftkit_adapters"
+# The child of an entry's first adapter that holds the tensors the entry's adapters share (peftkit.lifecycle.shared).
+SHARED_CHILD = "peftkit_shared"

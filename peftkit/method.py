@@ -96,6 +96,20 @@ class Capabilities:
 
 
 @dataclass(frozen=True)
+class SharedState:
+    """Tensors that all the adapters of one spec entry share, across every host the entry selects (VeRA's frozen
+    random projections: one pair for many layers). ``Method.shared_state`` returns it; the core keeps the tensors
+    once, in a module the entry's adapters reach as ``site.shared`` (attribute access by name), moved with the model.
+
+    The tensors are frozen (buffers: what trains belongs to an adapter, one per host, where the plan counts it).
+    ``saved``: whether the checkpoint holds them; when False they are rebuilt at load by ``shared_state`` from the
+    configuration, which must then make them deterministically (from a seed)."""
+
+    tensors: dict[str, torch.Tensor]
+    saved: bool = True
+
+
+@dataclass(frozen=True)
 class ParameterGroup:
     """How the optimizer treats one adapter parameter (see :func:`peftkit.parameter_groups`): its learning rate is
     the base rate times ``lr_scale``, and it decays with the optimizer's weight decay unless ``weight_decay`` is off."""
@@ -198,6 +212,32 @@ class Method(ABC):
     def site_refusal(cls, config: MethodConfig, site: Any) -> str | None:
         """Why this configuration cannot go on this site (a field that does not fit the host, e.g. an index past
         its size), or None. Asked while the plan is made, so the refusal comes before anything is built."""
+        return None
+
+    @classmethod
+    def shared_state(cls, config: MethodConfig, sites: list[Any]) -> SharedState | None:
+        """Tensors one entry's adapters share (:class:`SharedState`), built once from the configuration and all the
+        sites the entry selects, before any of its adapters; None (the default): nothing shared. Each adapter then
+        finds them as ``site.shared`` in ``create`` and in its forward."""
+        return None
+
+    @classmethod
+    def schedule_refusal(cls, config: MethodConfig, total_steps: int) -> str | None:
+        """Why this configuration's schedule does not fit a run of ``total_steps`` optimizer steps, or None (the
+        default: a method without a schedule fits every run). Asked by ``peftkit.check_schedule`` before training."""
+        return None
+
+    @classmethod
+    def training_loss(cls, config: MethodConfig, adapters: list[Adapter]) -> torch.Tensor | None:
+        """A term added to the training loss for one entry's adapters (a regulariser), or None (the default).
+        ``peftkit.regularization`` sums them; the training loops add the sum before ``backward``."""
+        return None
+
+    @classmethod
+    def after_optimizer_step(cls, config: MethodConfig, adapters: list[Adapter], step: int, total_steps: int) -> None:
+        """Act on one entry's adapters after optimizer step ``step`` (0-based) of ``total_steps``, while the
+        gradients are still there (a rank re-allocation by importance). Called by ``peftkit.after_optimizer_step``;
+        by default nothing happens."""
         return None
 
     @classmethod

@@ -117,6 +117,8 @@ def test_the_default_run_trains_the_default_arms_and_all_trains_every_built_in_m
         "lokr",
         "oft",
         "boft",
+        "vera",
+        "adalora",
         "ia3",
         "prefix",
         "prompt",

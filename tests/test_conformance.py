@@ -66,6 +66,19 @@ BUILTIN_CONFIGS = {
         },
     ),
     "boft": st.fixed_dictionaries({"block_size": st.sampled_from([2, 4]), "butterfly_factors": st.integers(1, 2)}),
+    "vera": st.fixed_dictionaries(
+        {"r": st.integers(1, 8)},
+        optional={
+            "projection_seed": st.integers(0, 2**20),
+            "save_projection": st.booleans(),
+            "d_initial": st.floats(-1.0, 1.0),
+        },
+    ),
+    "adalora": st.integers(1, 6).flatmap(
+        lambda r: st.fixed_dictionaries(
+            {"init_r": st.just(r), "target_r": st.integers(1, r)}, optional={"alpha": st.floats(0.5, 16.0)}
+        )
+    ),
     "ia3": st.fixed_dictionaries({}, optional={"feedforward": st.sampled_from([["optional:@ffn_output"], ["*"], []])}),
     "prompt": st.fixed_dictionaries({"length": st.integers(1, 4)}),
     "ptuning": st.fixed_dictionaries(

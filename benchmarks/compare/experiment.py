@@ -122,6 +122,20 @@ class Experiment(Strict):
             raise ValueError(f"default_arms names {unknown}, which are not arms of this file; arms: {known}")
         return self
 
+    @model_validator(mode="after")
+    def _schedules_fit_the_budget(self) -> Experiment:
+        import peftkit
+
+        for arm in self.arms:
+            if arm.spec is not None:
+                try:
+                    peftkit.check_schedule(arm.spec, self.budget.steps)
+                except peftkit.PeftkitError as error:
+                    raise ValueError(
+                        f"arm {arm.name!r} does not fit budget.steps {self.budget.steps}: {error}"
+                    ) from None
+        return self
+
     @field_validator("arms")
     @classmethod
     def _unique_names(cls, arms: list[Arm]) -> list[Arm]:

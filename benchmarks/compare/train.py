@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+import peftkit
 from peftkit import parameter_groups
 from peftkit.lifecycle.attach import get_state
 
@@ -95,16 +96,19 @@ def train_step(
     device: torch.device,
     dtype: torch.dtype | None,
     after_backward: Callable[[], None] | None = None,
+    position: tuple[int, int] = (0, 1),
 ) -> tuple[float, float]:
-    """One optimisation step; returns (seconds, loss)."""
+    """One optimisation step, step ``position[0]`` of ``position[1]`` (for the methods that act between steps);
+    returns (seconds, loss). The methods' loss terms and actions are in the time: they are part of their cost."""
     sync(device)
     start = time.perf_counter()
     with autocast(device, dtype):
-        loss = model(**batch).loss
+        loss = model(**batch).loss + peftkit.regularization(model)
     loss.backward()
     if after_backward is not None:
         after_backward()
     optimizer.step()
+    peftkit.after_optimizer_step(model, *position)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     sync(device)
@@ -121,8 +125,10 @@ def train(
     on_step: Callable[[int], None] = lambda step: None,
     after_first_backward: Callable[[], None] | None = None,
     first_step_context: contextlib.AbstractContextManager | None = None,
+    total_steps: int = 1,
 ) -> StepLog:
-    """``first_step_context`` wraps the first step only (its time is not in the medians): a measurement."""
+    """``first_step_context`` wraps the first step only (its time is not in the medians): a measurement.
+    ``total_steps``: how many steps ``batches`` holds, for the methods whose schedule follows the run."""
     model.train()
     log = StepLog()
     for step, batch in enumerate(batches):
@@ -130,7 +136,9 @@ def train(
         hook = after_first_backward if step == 0 else None
         context = first_step_context if step == 0 and first_step_context is not None else contextlib.nullcontext()
         with context:
-            seconds, loss = train_step(model, to_device(batch, device), optimizer, scheduler, device, dtype, hook)
+            seconds, loss = train_step(
+                model, to_device(batch, device), optimizer, scheduler, device, dtype, hook, (step, total_steps)
+            )
         log.seconds.append(seconds)
         log.tokens.append(tokens)
         log.losses.append(loss)

@@ -125,6 +125,7 @@ def run_arm(job: dict[str, Any]) -> dict[str, Any]:
         on_step=lambda step: emit("step", step=step),
         after_first_backward=lambda: grad_bytes.append(measure.gradient_bytes(model)),
         first_step_context=saved,
+        total_steps=budget.steps,
     )
     memory = {
         "peak_rss_bytes": measure.peak_rss_bytes(),
@@ -223,7 +224,13 @@ def run_probe(job: dict[str, Any]) -> dict[str, Any]:
         for arm in order:
             model, optimizer, scheduler = built[arm.name]
             step_s, _ = train.train_step(
-                model, train.to_device(batch, setup.device), optimizer, scheduler, setup.device, setup.dtype
+                model,
+                train.to_device(batch, setup.device),
+                optimizer,
+                scheduler,
+                setup.device,
+                setup.dtype,
+                position=(index, len(batches)),
             )
             if index >= warmup:
                 seconds[arm.name].append(step_s)

@@ -26,6 +26,7 @@ from peftkit.lifecycle.activation import routed_input, routed_output
 from peftkit.lifecycle.dequantize import dequantized_hosts, install_dequantized
 from peftkit.lifecycle.merging import merge, mergeable_choice, unmerge
 from peftkit.lifecycle.rewrite import refuse_rewrites, restore, rewrite, rewrites_base, rewritten_by
+from peftkit.lifecycle.shared import adopt_shared_state, build_shared_state
 from peftkit.lifecycle.state import STATE_ATTRIBUTE, AttachedAdapter, ModelState, get_state, require_state
 from peftkit.lifecycle.tied import follow, holders_to_follow
 from peftkit.method import Adapter, Method
@@ -141,7 +142,9 @@ def attach(model: nn.Module, spec: Spec | Mapping[str, Any] | str | Path, *, act
     refuse_rewrites(model, previous, planned, plan_trainable_paths(model, combined))
     # A new module is in training mode; an adapter follows its host instead, so that attaching to a model in eval
     # mode does not switch on the adapter's dropout.
+    shared = build_shared_state(planned)
     built = [(item, item.method.create(item.config, item.site).train(item.module.training)) for item in planned]
+    adopt_shared_state(built, shared)
     _refuse_adapters_holding_the_base(model, built)
     following = holders_to_follow(model, built)
     composed = {n: c.rule for c in combined.compose if c.rule != "stack" for n in c.adapters}

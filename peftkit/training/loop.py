@@ -30,6 +30,7 @@ from peftkit.io import SPEC_FILE, _saved_parameters, restore_adapter_weights, sa
 from peftkit.lifecycle.attach import attach
 from peftkit.lifecycle.optimizer import parameter_groups
 from peftkit.lifecycle.precision import merge_error
+from peftkit.lifecycle.schedule import acts_between_steps, after_optimizer_step, check_schedule, regularization
 from peftkit.quantization import enable_gradient_checkpointing, prepare_for_kbit_training
 from peftkit.training.config import TrainConfig
 from peftkit.training.distributed import Runtime
@@ -214,6 +215,12 @@ def _train(config: TrainConfig, config_dir: Path, runtime: Runtime, *, progress:
 
     torch.manual_seed(config.seed)  # the same on every rank: every rank builds the same base and adapters
     random.seed(config.seed)
+    check_schedule(spec, config.steps)  # a method's schedule that does not fit the run, before the model is built
+    if runtime.distributed and config.distributed.strategy == "fsdp2" and (acting := acts_between_steps(spec)):
+        raise PeftkitError(
+            f"{acting} act on whole adapter tensors between optimizer steps, which FSDP2 shards across processes; "
+            "train them with strategy: ddp (or on one process)"
+        )
     model = _build_model(config, runtime.device)
     _refuse_models_without_a_language_model_head(model, config.model.name)
     attach(model, spec)  # a spec that does not fit the model fails here, before anything is written
@@ -256,10 +263,12 @@ def _train(config: TrainConfig, config_dir: Path, runtime: Runtime, *, progress:
         local = {k: v.to(runtime.device) for k, v in distributed.local_rows(batch, runtime).items()}
         with autocast:
             loss = net(**local, num_items_in_batch=targets.to(runtime.device)).loss * runtime.world_size
+            loss = loss + regularization(model)  # the methods' own loss terms (AdaLoRA's orthogonality)
         loss.backward()
         if config.optimizer.grad_clip:
             distributed.clip_grad_norm_(parameters, config.optimizer.grad_clip)
         optimizer.step()
+        after_optimizer_step(model, step, config.steps)  # e.g. AdaLoRA's rank allocation, while grads exist
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss_value = distributed.all_reduce_sum(loss.detach(), runtime).item() / runtime.world_size

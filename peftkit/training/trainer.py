@@ -29,8 +29,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from peftkit.io import SPEC_FILE, restore_adapter_weights, save
 from peftkit.lifecycle.attach import get_state
 from peftkit.lifecycle.optimizer import parameter_groups
+from peftkit.lifecycle.schedule import after_optimizer_step, check_schedule, regularization
 
-__all__ = ["AdapterCheckpointCallback", "AdapterTrainer", "restore_adapter_weights"]
+__all__ = ["AdapterCheckpointCallback", "AdapterTrainer", "MethodStepsCallback", "restore_adapter_weights"]
 
 TRAINING_ARGS_FILE = "training_args.bin"  # the name transformers' Trainer gives its arguments
 
@@ -40,7 +41,26 @@ def _is_adapter_checkpoint(directory: str | os.PathLike | None) -> bool:
 
 
 class AdapterTrainer(Trainer):
-    """A ``transformers.Trainer`` that saves and restores only the model's peftkit adapters."""
+    """A ``transformers.Trainer`` that saves and restores only the model's peftkit adapters, and runs what the
+    attached methods add to training: their loss terms (``peftkit.regularization``), their schedule check and their
+    action between optimizer steps (``MethodStepsCallback``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_callback(MethodStepsCallback())
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        adapted = self._adapter_model()
+        if adapted is None or not model.training:
+            return result
+        term = regularization(adapted)
+        if isinstance(term, float) and term == 0.0:
+            return result
+        if return_outputs:
+            loss, outputs = result
+            return loss + term, outputs
+        return result + term
 
     def _adapter_model(self) -> nn.Module | None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -98,3 +118,17 @@ class AdapterCheckpointCallback(TrainerCallback):
         if model is None or not state.is_world_process_zero or get_state(model) is None:
             return
         save(model, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", portable=False)
+
+
+class MethodStepsCallback(TrainerCallback):
+    """What the attached methods do around the optimizer (``peftkit.check_schedule`` when training begins,
+    ``peftkit.after_optimizer_step`` after each step, before the gradients are cleared); ``AdapterTrainer`` adds it,
+    a plain ``Trainer`` can take it too (then add ``peftkit.regularization(model)`` to the loss yourself)."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
+        if model is not None and get_state(model) is not None:
+            check_schedule(model, state.max_steps)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
+        if model is not None and get_state(model) is not None:
+            after_optimizer_step(model, state.global_step, state.max_steps)
