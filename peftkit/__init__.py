@@ -30,6 +30,7 @@ from peftkit.lifecycle.combine import combine
 from peftkit.lifecycle.merging import merge, unmerge
 from peftkit.lifecycle.optimizer import parameter_groups
 from peftkit.lifecycle.precision import merge_error
+from peftkit.lifecycle.rules import compose
 from peftkit.lifecycle.schedule import after_optimizer_step, check_schedule, regularization
 from peftkit.method import (
     ALL_RULES,
@@ -83,6 +84,7 @@ __all__ = [
     "broken_plugins",
     "check_schedule",
     "combine",
+    "compose",
     "detach",
     "disabled",
     "export_merged",

@@ -20,7 +20,7 @@ from peftkit.keys import ADAPTER_CONTAINER
 from peftkit.method import Method, MethodConfig
 from peftkit.patterns import OPTIONAL_PREFIX, compile_pattern, split_optional
 from peftkit.registry import get_method
-from peftkit.sites.kinds import SiteContext, make_site
+from peftkit.sites.kinds import SiteContext, make_site, targets_parameters
 from peftkit.sites.placements import Places, expand, places_of
 from peftkit.sites.weight import adapts, host_plugin_hint
 
@@ -133,13 +133,17 @@ class PlannedSite:
 
 
 def candidates_for(method: type[Method], modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """What an entry's patterns are matched against: module paths; for a method of the ``parameter`` site kind,
-    the paths of the modules' own parameters (``model.layers.0.mlp.experts.gate_up_proj``), each with its module."""
-    if method.capabilities.site != "parameter":
+    """What an entry's patterns are matched against: module paths; for a method whose site kind targets parameters,
+    the paths of the own parameters (``model.layers.0.mlp.experts.gate_up_proj``) of the modules it adapts, each
+    with its module (so ``*.bias`` selects the biases of those modules, and a module of another type is no
+    candidate)."""
+    if not targets_parameters(method.capabilities.site):
         return modules
+    accepted = method.capabilities.module_types
     return {
         f"{path}.{name}": module
         for path, module in modules.items()
+        if adapts(module, accepted)
         for name, parameter in module._parameters.items()
         if parameter is not None
     }
@@ -149,7 +153,7 @@ def site_context(
     method: type[Method], path: str, modules: dict[str, nn.Module], places: Places | None, root
 ) -> SiteContext:
     """The context of a candidate path: a parameter path's site sits on the module holding the parameter."""
-    if method.capabilities.site != "parameter":
+    if not targets_parameters(method.capabilities.site):
         return SiteContext(path, modules, places, root)
     owner, _, name = path.rpartition(".")
     return SiteContext(owner, modules, places, root, (name,))

@@ -261,6 +261,28 @@ def adapters_follow_the_host_device_and_dtype(case: Case) -> None:
             assert parameter.dtype == own[0].dtype, f"{where} is {parameter.dtype}, its host {own[0].dtype}"
 
 
+def fusion_of_one_is_the_adapter(case: Case) -> None:
+    """AdapterFusion over the adapter alone, at its initial (identity) value map, computes the adapter; the member
+    is frozen and the fusion trains (``peftkit.compose`` with rule ``fuse``)."""
+    method = get_method(case.entry["method"])
+    assume("fuse" in method.capabilities_for(method.config.model_validate(case.entry)).compose_rules)
+    model = case.fresh()
+    peftkit.attach(model, case.spec())
+    assume(not any(a.module.transforms_input for a in get_state(model).attached))  # an input change only stacks
+    randomise_adapters(model, run=case.run)
+    expected = case.run(model)
+    peftkit.compose(model, {"rule": "fuse", "adapters": ["default"]})
+    output = case.run(model)
+    assert relative_error(output, expected) <= MERGE_TOLERANCE[case.dtype], "fusing one adapter changed its output"
+    members = [p for a in get_state(model).attached for p in a.module.parameters()]
+    assert members and not any(p.requires_grad for p in members), "a fused adapter is still trainable"
+    fusion = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert fusion and all(ADAPTER_CONTAINER in n.split(".") for n, p in model.named_parameters() if p.requires_grad)
+    output.float().square().mean().backward()
+    assert all(p.grad is None for p in members), "a fused adapter received a gradient"
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in fusion), "the fusion received no gradient"
+
+
 PROPERTIES: dict[str, Callable[[Case], None]] = {
     "identity_at_init": identity_at_init,
     "merge_equivalence": merge_equivalence,
@@ -271,12 +293,14 @@ PROPERTIES: dict[str, Callable[[Case], None]] = {
     "parameter_count_matches_formula": parameter_count_matches_formula,
     "failed_attach_leaves_model_unchanged": failed_attach_leaves_model_unchanged,
     "adapters_follow_the_host_device_and_dtype": adapters_follow_the_host_device_and_dtype,
+    "fusion_of_one_is_the_adapter": fusion_of_one_is_the_adapter,
 }
 
 _NEEDS = {
     "identity_at_init": lambda c: c.identity_at_init,
     "merge_equivalence": lambda c: c.mergeable,
     "unmerge_restores_weights": lambda c: c.mergeable,
+    "fusion_of_one_is_the_adapter": lambda c: "fuse" in c.compose_rules,
 }
 
 

@@ -19,7 +19,7 @@ from peftkit.errors import TargetingError
 from peftkit.method import MethodConfig
 from peftkit.patterns import compile_pattern
 from peftkit.registry import get_method
-from peftkit.sites.kinds import make_site
+from peftkit.sites.kinds import make_site, targets_parameters
 from peftkit.sites.placements import PLACEMENT_NAMES, places_of
 from peftkit.sites.weight import Conv1D, adapts
 from peftkit.targeting import base_modules, candidates_for, layer_indices, site_context
@@ -166,7 +166,7 @@ def _hosts(model: nn.Module, modules: dict[str, nn.Module], method: type, config
     for path, module in candidates_for(method, modules).items():
         if not adapts(module, capabilities.module_types) or path in tied:
             continue
-        elsewhere = capabilities.site not in {"weight", "parameter"}
+        elsewhere = capabilities.site != "weight" and not targets_parameters(capabilities.site)
         if elsewhere and not (isinstance(module, projections) or any(m(path) for m in places)):
             continue
         site = make_site(capabilities.site, module, site_context(method, path, modules, found, model))

@@ -87,7 +87,7 @@ def test_set_overrides_any_field_by_dotted_path_and_rejects_unknown_ones():
     with pytest.raises(ExperimentError, match="stepz"):
         cli.resolve_experiment(parse("--set", "budget.stepz=3"))
     with pytest.raises(ExperimentError, match="not a field"):
-        cli.resolve_experiment(parse("--set", "arms.20.lr=1"))
+        cli.resolve_experiment(parse("--set", "arms.99.lr=1"))
 
 
 def test_task_option_picks_the_shipped_experiment_for_that_task():
@@ -119,6 +119,8 @@ def test_the_default_run_trains_the_default_arms_and_all_trains_every_built_in_m
         "boft",
         "vera",
         "adalora",
+        "bitfit",
+        "ln-tuning",
         "ia3",
         "prefix",
         "prompt",

@@ -79,6 +79,8 @@ BUILTIN_CONFIGS = {
             {"init_r": st.just(r), "target_r": st.integers(1, r)}, optional={"alpha": st.floats(0.5, 16.0)}
         )
     ),
+    "bitfit": st.just({}),
+    "ln-tuning": st.just({}),
     "ia3": st.fixed_dictionaries({}, optional={"feedforward": st.sampled_from([["optional:@ffn_output"], ["*"], []])}),
     "prompt": st.fixed_dictionaries({"length": st.integers(1, 4)}),
     "ptuning": st.fixed_dictionaries(

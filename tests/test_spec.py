@@ -54,7 +54,7 @@ def test_from_file(tmp_path) -> None:
         ({"method": "lora", "target": "x", "r": "8"}, "adapters.a.0.r: Input should be a valid integer"),
         (
             {"method": "lorra", "target": "x"},
-            "known methods: boft, dora, houlsby, ia3, loha, lokr, lora, lora-experts, oft, parallel",
+            "known methods: adalora, bitfit, boft, dora, houlsby, ia3, ln-tuning, loha, lokr, lora, lora-experts, oft,",
         ),
         ({"target": "x"}, "adapters.a.0.method: required"),
         ({"method": "lora"}, "adapters.a.0.target: Field required"),

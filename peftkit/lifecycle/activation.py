@@ -17,6 +17,7 @@ from torch import nn
 from peftkit.errors import AttachError
 from peftkit.lifecycle.state import require_state
 from peftkit.method import Adapter
+from peftkit.sites.kinds import targets_parameters
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -79,7 +80,7 @@ def route(model: nn.Module, per_example: Sequence[str | None]) -> Iterator[nn.Mo
     problems += [
         f"{a.adapter_name} ({a.method.name}) sits at an {a.method.capabilities.site} site"
         for a in attached
-        if a.method.capabilities.site in {"attention", "input", "parameter"}
+        if a.method.capabilities.site in {"attention", "input"} or targets_parameters(a.method.capabilities.site)
     ]
     problems += [
         f"{a.adapter_name} rewrote the weight of {a.path} at attach (a residual base: its examples cannot run "

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from peftkit.compose import Gates, check_rules, compose_output, gate_name
+from peftkit.compose import LEARNED_RULES, check_rules, compose_output, gate_name, rule_module
 from peftkit.errors import AttachError
 from peftkit.keys import ADAPTER_CONTAINER
 from peftkit.lifecycle.activation import routed_input, routed_output
@@ -101,9 +101,10 @@ def _set_training_state(model: nn.Module, state: ModelState) -> None:
         if ADAPTER_CONTAINER not in name.split("."):
             state.original_requires_grad.setdefault(name, parameter.requires_grad)
             parameter.requires_grad_(False)
+    fused = {name for c in state.spec.compose if c.rule == "fuse" for name in c.adapters}  # only the fusion trains
     for attached in state.attached:
         for parameter in attached.module.parameters():
-            parameter.requires_grad_(True)
+            parameter.requires_grad_(attached.adapter_name not in fused)
     for path in plan_trainable_paths(model, state.spec):
         for parameter in modules[path].parameters():
             parameter.requires_grad_(True)
@@ -335,16 +336,19 @@ def _add_gates(model: nn.Module, state: ModelState, offset: int, undo: list[Call
     each added gate logs its removal in ``undo``."""
     modules = dict(model.named_modules())
     for index, composition in enumerate(state.spec.compose[offset:], start=offset):
-        if composition.rule != "gate":
+        if composition.rule not in LEARNED_RULES:
             continue
         for path in dict.fromkeys(a.path for a in state.attached if a.adapter_name in composition.adapters):
             container = getattr(modules[path], ADAPTER_CONTAINER)
             if gate_name(index) not in container:
                 member = next(iter(container[n] for n in composition.adapters if n in container))
                 parameter = next(member.parameters())
-                count = len(composition.adapters)
-                gates = Gates(count, composition.gate_init, parameter.device, parameter.dtype)
-                container[gate_name(index)] = gates.train(container.training)
+                site = getattr(member, "site", None)
+                along = getattr(site, "along_features", None)  # a (d,) vector shaped (d, 1, 1): channels first
+                axis = 1 if callable(along) and along(torch.ones(1)).shape != (1,) else -1
+                features = getattr(site, "out_features", None)
+                learned = rule_module(composition, features, parameter.device, parameter.dtype, axis)
+                container[gate_name(index)] = learned.train(container.training)
                 undo.append(functools.partial(container.__delitem__, gate_name(index)))
 
 
@@ -428,9 +432,10 @@ def fold(model: nn.Module) -> nn.Module:
             entries[attached.entry] = attached.config
             adapters[attached.adapter_name] = entries
     state.spec = Spec(adapters=adapters, trainable=state.spec.trainable, compose=state.spec.compose)
+    fused = {name for c in state.spec.compose if c.rule == "fuse" for name in c.adapters}  # only the fusion trains
     for attached in state.attached:
         for parameter in attached.module.parameters():
-            parameter.requires_grad_(True)
+            parameter.requires_grad_(attached.adapter_name not in fused)
     return model
 
 

@@ -20,6 +20,7 @@ from peftkit.sites.kinds import SiteContext, make_site, register_site_kind, site
 from peftkit.sites.placements import Places, places_of
 from peftkit.sites.sublayer import SublayerSite
 from peftkit.sites.tied import shared_parameters, tied_holders
+from peftkit.sites.vectors import VectorParameter, VectorsSite
 from peftkit.sites.weight import (
     Conv1D,
     Conv1DSite,
@@ -46,6 +47,8 @@ __all__ = [
     "Places",
     "SiteContext",
     "SublayerSite",
+    "VectorParameter",
+    "VectorsSite",
     "WeightSite",
     "adapts",
     "check_extra_keys",

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 SiteFactory = Callable[[nn.Module, "SiteContext | None"], Any]  # returns a site, or a str saying why not
 _KINDS: dict[str, SiteFactory] = {}
+_BY_PARAMETER: set[str] = set()  # kinds whose targets are parameter paths (``<module path>.<parameter name>``)
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,18 @@ class SiteContext:
         return self.places.family if self.places is not None else None
 
 
-def register_site_kind(kind: str, factory: SiteFactory) -> None:
-    """Make ``kind`` available to methods; ``factory(module, context)`` returns a site or a reason it cannot."""
+def register_site_kind(kind: str, factory: SiteFactory, *, by_parameter: bool = False) -> None:
+    """Make ``kind`` available to methods; ``factory(module, context)`` returns a site or a reason it cannot.
+    ``by_parameter``: an entry of this kind targets parameters by path, and the site gets the targeted names of its
+    module in ``context.parameters``."""
     _KINDS[kind] = factory
+    if by_parameter:
+        _BY_PARAMETER.add(kind)
+
+
+def targets_parameters(kind: str) -> bool:
+    """Whether entries of site kind ``kind`` select parameters (by path) rather than modules."""
+    return kind in _BY_PARAMETER
 
 
 def site_kinds() -> list[str]:
