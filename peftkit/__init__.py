@@ -30,7 +30,7 @@ from peftkit.lifecycle.combine import combine
 from peftkit.lifecycle.merging import merge, unmerge
 from peftkit.lifecycle.optimizer import parameter_groups
 from peftkit.lifecycle.precision import merge_error
-from peftkit.lifecycle.rules import compose
+from peftkit.lifecycle.rules import add_rule
 from peftkit.lifecycle.schedule import after_optimizer_step, check_schedule, regularization
 from peftkit.method import (
     ALL_RULES,
@@ -79,12 +79,12 @@ __all__ = [
     "TrainableParameters",
     "activate",
     "active_adapters",
+    "add_rule",
     "after_optimizer_step",
     "attach",
     "broken_plugins",
     "check_schedule",
     "combine",
-    "compose",
     "detach",
     "disabled",
     "export_merged",

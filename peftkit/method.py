@@ -21,7 +21,7 @@ from peftkit.compose import Rule
 from peftkit.layers import parse_layers
 from peftkit.patterns import check_patterns
 
-SiteKind = Literal["weight", "output", "parallel", "attention", "input", "parameter", "vector"]
+SiteKind = Literal["weight", "output", "parallel", "attention", "input", "parameter", "vector", "stream"]
 # The composition rules of peftkit.compose. A method takes part in ``sum`` unless it says otherwise: every adapter
 # whose forward turns the host's output into the adapted output has a change (adapted - output) that can be added to
 # others'. ``ALL_RULES`` is for methods whose adapter is a function of the host's input and output only.

@@ -263,7 +263,7 @@ def adapters_follow_the_host_device_and_dtype(case: Case) -> None:
 
 def fusion_of_one_is_the_adapter(case: Case) -> None:
     """AdapterFusion over the adapter alone, at its initial (identity) value map, computes the adapter; the member
-    is frozen and the fusion trains (``peftkit.compose`` with rule ``fuse``)."""
+    is frozen and the fusion trains (``peftkit.add_rule`` with rule ``fuse``)."""
     method = get_method(case.entry["method"])
     assume("fuse" in method.capabilities_for(method.config.model_validate(case.entry)).compose_rules)
     model = case.fresh()
@@ -271,7 +271,7 @@ def fusion_of_one_is_the_adapter(case: Case) -> None:
     assume(not any(a.module.transforms_input for a in get_state(model).attached))  # an input change only stacks
     randomise_adapters(model, run=case.run)
     expected = case.run(model)
-    peftkit.compose(model, {"rule": "fuse", "adapters": ["default"]})
+    peftkit.add_rule(model, {"rule": "fuse", "adapters": ["default"]})
     output = case.run(model)
     assert relative_error(output, expected) <= MERGE_TOLERANCE[case.dtype], "fusing one adapter changed its output"
     members = [p for a in get_state(model).attached for p in a.module.parameters()]

@@ -121,6 +121,7 @@ def test_the_default_run_trains_the_default_arms_and_all_trains_every_built_in_m
         "adalora",
         "bitfit",
         "ln-tuning",
+        "reft",
         "ia3",
         "prefix",
         "prompt",

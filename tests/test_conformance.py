@@ -81,6 +81,10 @@ BUILTIN_CONFIGS = {
     ),
     "bitfit": st.just({}),
     "ln-tuning": st.just({}),
+    "reft": st.fixed_dictionaries(
+        {"r": st.integers(1, 4), "first": st.integers(1, 2), "last": st.integers(0, 2)},
+        optional={"kind": st.sampled_from(["loreft", "direft"]), "init": st.sampled_from(["identity", "random"])},
+    ),
     "ia3": st.fixed_dictionaries({}, optional={"feedforward": st.sampled_from([["optional:@ffn_output"], ["*"], []])}),
     "prompt": st.fixed_dictionaries({"length": st.integers(1, 4)}),
     "ptuning": st.fixed_dictionaries(

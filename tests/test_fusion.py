@@ -1,4 +1,4 @@
-"""AdapterFusion (the ``fuse`` composition rule, ``peftkit.compose``) beyond the conformance property: adapters trained
+"""AdapterFusion (the ``fuse`` composition rule, ``peftkit.add_rule``) beyond the conformance property: adapters trained
 apart are loaded and fused, only the fusion trains, the fused model saves and loads with its rule, and the sets that
 cannot be fused are refused with the model unchanged."""
 
@@ -36,7 +36,7 @@ def _fused(tmp_path):
     model = _base()
     peftkit.load(model, tmp_path / "a")
     peftkit.load(model, tmp_path / "b")
-    return peftkit.compose(model, {"rule": "fuse", "adapters": ["a", "b"]})
+    return peftkit.add_rule(model, {"rule": "fuse", "adapters": ["a", "b"]})
 
 
 def test_adapters_trained_apart_are_fused_and_only_the_fusion_trains(tmp_path):
@@ -68,7 +68,7 @@ def test_at_init_the_fusion_of_two_is_close_to_their_average(tmp_path):
     averaged = _base()
     peftkit.load(averaged, tmp_path / "a")
     peftkit.load(averaged, tmp_path / "b")
-    peftkit.compose(averaged, {"rule": "average", "adapters": ["a", "b"], "weights": [0.5, 0.5]})
+    peftkit.add_rule(averaged, {"rule": "average", "adapters": ["a", "b"], "weights": [0.5, 0.5]})
     with torch.no_grad():
         one, other = fused(IDS).last_hidden_state, averaged(IDS).last_hidden_state
     with peftkit.disabled(averaged), torch.no_grad():
@@ -90,7 +90,7 @@ def test_sets_that_cannot_be_fused_are_refused_and_the_model_left_as_it_was(adap
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     keys = list(model.state_dict())
     with pytest.raises(peftkit.PeftkitError, match=message):
-        peftkit.compose(model, {"rule": "fuse", "adapters": adapters})
+        peftkit.add_rule(model, {"rule": "fuse", "adapters": adapters})
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags and list(model.state_dict()) == keys
     assert get_state(model).spec.compose == []
 

@@ -310,6 +310,8 @@ def test_places_resolve_to_the_family_modules(family) -> None:
     places = places_of(model)
     paths = [p for p, _ in model.named_modules() if p]
     for place in PLACEMENT_NAMES:
+        if place == "block":
+            continue  # test_block_is_each_repeated_block_holding_an_attention below
         expected = EXPECTED[name][place]
         if expected is None:
             with pytest.raises(peftkit.TargetingError, match=rf"'@{place}'.*{type(model).__name__}.*explicit module"):
@@ -320,6 +322,24 @@ def test_places_resolve_to_the_family_modules(family) -> None:
         assert [p for p in found if _first_layer(p)] == expected, (name, place, found)
         layers = 1 if place == "input_embeddings" or name == "albert" else 2  # ALBERT shares one layer
         assert len(found) == layers * len(expected), (name, place, found)
+
+
+def test_block_is_each_repeated_block_holding_an_attention(family) -> None:
+    name, model = family
+    places = places_of(model)
+    modules = dict(model.named_modules())
+    lists = {path for path, module in modules.items() if isinstance(module, torch.nn.ModuleList)}
+    if name == "xlm":  # attentions and feed-forwards in parallel lists: no one module is a block
+        with pytest.raises(peftkit.TargetingError, match="'@block'"):
+            places.pattern("block")
+        return
+    attention = compile_pattern(places.pattern("self_attention")) if EXPECTED[name]["self_attention"] else None
+    blocks = [p for p in modules if p and compile_pattern(places.pattern("block"))(p)]
+    assert blocks, name
+    for block in blocks:
+        assert block.rpartition(".")[0] in lists, (name, block)  # an entry of a list of repeated blocks
+        if attention is not None:
+            assert any(attention(p) for p in modules if p.startswith(block + ".")), (name, block)
 
 
 def _output(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Compose adapters that are already attached: the way to fuse adapters trained apart (AdapterFusion's second
 stage: load each trained adapter, then learn a fusion over them), or to gate or sum them after the fact.
 
-A spec's own ``compose`` list names adapters of that spec; :func:`compose` adds a rule over any attached adapters,
+A spec's own ``compose`` list names adapters of that spec; :func:`add_rule` adds a rule over any attached adapters,
 with the same checks (the members' methods must support the rule at every host they share), all or nothing.
 """
 
@@ -20,7 +20,7 @@ from peftkit.lifecycle.state import require_state
 from peftkit.spec import Spec
 
 
-def compose(model: nn.Module, rule: Composition | Mapping[str, Any]) -> nn.Module:
+def add_rule(model: nn.Module, rule: Composition | Mapping[str, Any]) -> nn.Module:
     """Add a composition rule over adapters already attached to ``model`` (``{"rule": "fuse", "adapters": [...]}``):
     the rule's trained numbers are added at each host its members meet (a fusion, gates), the spec that
     ``peftkit.save`` writes gains the rule, and for ``fuse`` the members are frozen so that only the fusion trains.
@@ -36,10 +36,10 @@ def compose(model: nn.Module, rule: Composition | Mapping[str, Any]) -> nn.Modul
         {a.adapter_name for a in state.attached if a.adapter_name in rule.adapters and a.module.transforms_input}
     )
     if inputs and rule.rule != "stack":
-        raise AttachError(f"compose: adapters {inputs} change their host's input, which only 'stack' composes")
+        raise AttachError(f"add_rule: adapters {inputs} change their host's input, which only 'stack' composes")
     merged = sorted({a.adapter_name for a in state.attached if a.adapter_name in rule.adapters and a.module.merged})
     if merged:
-        raise AttachError(f"compose: adapters {merged} are merged; unmerge them first")
+        raise AttachError(f"add_rule: adapters {merged} are merged; unmerge them first")
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     undo: list[Callable[[], None]] = [functools.partial(setattr, state, "spec", state.spec)]
     undo.append(functools.partial(_restore_dict, state.original_requires_grad, dict(state.original_requires_grad)))

@@ -18,6 +18,7 @@ from peftkit.sites.experts import ExpertParameter, ExpertsSite
 from peftkit.sites.input import InputSite
 from peftkit.sites.kinds import SiteContext, make_site, register_site_kind, site_kinds
 from peftkit.sites.placements import Places, places_of
+from peftkit.sites.stream import StreamSite
 from peftkit.sites.sublayer import SublayerSite
 from peftkit.sites.tied import shared_parameters, tied_holders
 from peftkit.sites.vectors import VectorParameter, VectorsSite
@@ -46,6 +47,7 @@ __all__ = [
     "LinearSite",
     "Places",
     "SiteContext",
+    "StreamSite",
     "SublayerSite",
     "VectorParameter",
     "VectorsSite",

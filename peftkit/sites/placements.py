@@ -42,6 +42,7 @@ PLACEMENT_NAMES = (
     "attention_output",
     "ffn",
     "ffn_output",
+    "block",
 )
 
 _WHAT = {
@@ -54,6 +55,7 @@ _WHAT = {
     "attention_output": "self-attention output projection",
     "ffn": "feed-forward sub-layer",
     "ffn_output": "feed-forward output projection",
+    "block": "repeated transformer block (its output is the residual stream)",
 }
 
 # What a family's structure does not tell, keyed by config.model_type: place -> pattern (overriding what is found),

@@ -430,6 +430,8 @@ def read_layout(model: nn.Module) -> Layout:
         hidden = reader.hidden_size(block, in_block)
         if hidden is None:
             continue
+        if block not in in_block:  # the repeated block itself (its output the residual stream), unless the list
+            layout.add("block", block, hidden)  # holds attentions alone, parallel to the feed-forwards (XLM)
         sublayers = []
         for core in in_block:
             sublayer = reader.attention_sublayer(core, block, hidden, in_block)
