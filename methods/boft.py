@@ -18,36 +18,23 @@ reads m from the tensor's shape, so a checkpoint made on a GPU loads as trained.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
-from peftkit_methods.orthogonal import Factor, HalfBlockShuffle, OrthogonalAdapter, cayley, layout_refusal
-from pydantic import Field, model_validator
+from peftkit_methods.orthogonal import BlockLayoutConfig, Factor, HalfBlockShuffle, OrthogonalAdapter, cayley
+from pydantic import Field
 from torch import nn
 
-from peftkit import Capabilities, Method, MethodConfig
+from peftkit import Capabilities, Method
 from peftkit.sites import WeightSite
 from peftkit.sites.weight import Conv1D
 
 
-class BOFTConfig(MethodConfig):
+class BOFTConfig(BlockLayoutConfig):
+    default_block_size: ClassVar[int] = 4
     method: Literal["boft"] = "boft"
-    block_size: int | None = Field(default=None, ge=2, description="side b of each rotation block (default 4)")
-    blocks: int | None = Field(default=None, gt=0, description="number D of blocks; d_in = D·b (give one of the two)")
     butterfly_factors: int = Field(default=1, ge=1, le=16, description="m, the rotations chained (1: OFT's one)")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="training: identity for this share of blocks")
-
-    @model_validator(mode="after")
-    def _one_size(self) -> BOFTConfig:
-        if self.block_size is not None and self.blocks is not None:
-            raise ValueError("give block_size or blocks, not both: blocks x block_size must equal the host's d_in")
-        return self
-
-    def block_layout(self, features: int) -> tuple[int, int]:
-        if self.blocks is not None:
-            return self.blocks, features // self.blocks
-        size = self.block_size or 4
-        return features // size, size
 
 
 def butterfly_shuffle(size: int, factor: int) -> HalfBlockShuffle:
@@ -96,12 +83,10 @@ class BOFT(Method):
     @classmethod
     def site_refusal(cls, config: BOFTConfig, site: WeightSite) -> str | None:
         features = site.in_features
-        field = "blocks" if config.blocks is not None else "block_size"
-        wanted = config.blocks if config.blocks is not None else (config.block_size or 4)
-        count, size = config.block_layout(features)
-        refusal = layout_refusal("BOFT", field, wanted, features, size)
+        refusal = config.layout_refusal("BOFT", features)
         if refusal:
             return refusal
+        count, size = config.block_layout(features)
         factors = config.butterfly_factors
         if factors > 1 and (size % 2 or count % 2 ** (factors - 1)):
             return (

@@ -21,19 +21,17 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from peftkit_methods.orthogonal import Factor, OrthogonalAdapter, cayley, layout_refusal
-from pydantic import Field, model_validator
+from peftkit_methods.orthogonal import BlockLayoutConfig, Factor, OrthogonalAdapter, cayley
+from pydantic import Field
 from torch import nn
 
-from peftkit import Capabilities, Method, MethodConfig
+from peftkit import Capabilities, Method
 from peftkit.sites import WeightSite
 from peftkit.sites.weight import Conv1D
 
 
-class OFTConfig(MethodConfig):
+class OFTConfig(BlockLayoutConfig):
     method: Literal["oft"] = "oft"
-    block_size: int | None = Field(default=None, ge=2, description="side b of each rotation block (default 32)")
-    blocks: int | None = Field(default=None, gt=0, description="number D of blocks; d_in = D·b (give one of the two)")
     block_share: bool = Field(default=False, description="one rotation for every block of a host")
     cayley: Literal["neumann", "exact"] = Field(default="neumann", description="how Q becomes a rotation")
     neumann_terms: int = Field(default=5, ge=2, le=32, description="terms of the Neumann series")
@@ -42,19 +40,6 @@ class OFTConfig(MethodConfig):
     module_dropout: float = Field(
         default=0.0, ge=0.0, lt=1.0, description="training: identity for this share of blocks"
     )
-
-    @model_validator(mode="after")
-    def _one_size(self) -> OFTConfig:
-        if self.block_size is not None and self.blocks is not None:
-            raise ValueError("give block_size or blocks, not both: blocks x block_size must equal the host's d_in")
-        return self
-
-    def block_layout(self, features: int) -> tuple[int, int]:
-        """(D, b) for a host with ``features`` inputs (not checked to divide: see ``OFT.site_refusal``)."""
-        if self.blocks is not None:
-            return self.blocks, features // self.blocks
-        size = self.block_size or 32
-        return features // size, size
 
 
 class OFTAdapter(OrthogonalAdapter):
@@ -101,9 +86,7 @@ class OFT(Method):
 
     @classmethod
     def site_refusal(cls, config: OFTConfig, site: WeightSite) -> str | None:
-        wanted = config.blocks if config.blocks is not None else (config.block_size or 32)
-        field = "blocks" if config.blocks is not None else "block_size"
-        return layout_refusal("OFT", field, wanted, site.in_features, config.block_layout(site.in_features)[1])
+        return config.layout_refusal("OFT", site.in_features)
 
     @classmethod
     def parameter_count(cls, config: OFTConfig, site: WeightSite) -> int:

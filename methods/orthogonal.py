@@ -15,10 +15,12 @@ PEFT's default for OFT). Q = 0 gives R = I either way: a fresh adapter leaves th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from pydantic import Field, model_validator
 
-from peftkit import Adapter
+from peftkit import Adapter, MethodConfig
 from peftkit.sites import WeightSite, widened
 
 
@@ -90,6 +92,33 @@ def layout_refusal(method: str, field: str, wanted: int, features: int, size: in
     if size < 2:
         return f"{method} {field} {wanted} leaves blocks of side {size}, which hold no rotation; use fewer blocks"
     return None
+
+
+class BlockLayoutConfig(MethodConfig):
+    """The block layout both methods take: ``block_size`` b or ``blocks`` D, one of them, with D·b = d_in."""
+
+    default_block_size: ClassVar[int] = 32
+    block_size: int | None = Field(default=None, ge=2, description="side b of each rotation block")
+    blocks: int | None = Field(default=None, gt=0, description="number D of blocks; d_in = D·b (give one of the two)")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> BlockLayoutConfig:
+        if self.block_size is not None and self.blocks is not None:
+            raise ValueError("give block_size or blocks, not both: blocks x block_size must equal the host's d_in")
+        return self
+
+    def block_layout(self, features: int) -> tuple[int, int]:
+        """(D, b) for a host with ``features`` inputs (not checked to divide: see :meth:`layout_refusal`)."""
+        if self.blocks is not None:
+            return self.blocks, features // self.blocks
+        size = self.block_size or self.default_block_size
+        return features // size, size
+
+    def layout_refusal(self, method: str, features: int) -> str | None:
+        """Why this layout does not fit a host with ``features`` inputs, or None."""
+        field = "blocks" if self.blocks is not None else "block_size"
+        wanted = self.blocks if self.blocks is not None else (self.block_size or self.default_block_size)
+        return layout_refusal(method, field, wanted, features, self.block_layout(features)[1])
 
 
 def keep_as_identity(blocks: torch.Tensor, share: float) -> torch.Tensor:

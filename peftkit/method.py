@@ -72,7 +72,7 @@ class Capabilities:
     ``routable``: the method class provides a batched ``route(adapters, index, x, out)`` for per-example routing.
     ``commutes``: the adapter's change does not depend on what other adapters at the host did first.
     ``compose_rules``: the rules of :mod:`peftkit.compose` the adapter can take part in; by default
-    ``DEFAULT_RULES`` (``{"sum"}``), ``peftkit.ALL_RULES`` for all four, ``frozenset()`` for none (an adapter that acts
+    ``DEFAULT_RULES`` (``{"sum"}``), ``peftkit.ALL_RULES`` for all five, ``frozenset()`` for none (an adapter that acts
     on the input or inside attention has no output change to add up or stack).
     ``combinable``: the adapter's update is a weight delta that ``peftkit.combine`` can read and write back; the
     method class then implements the hooks of the ``Combinable`` protocol in ``peftkit/lifecycle/combine.py``.

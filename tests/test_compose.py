@@ -154,7 +154,8 @@ def test_unsupported_rules_and_bad_compositions_are_refused():
         ([{"rule": "sum", "adapters": ["a", "zz"]}], "adapters \\['zz'\\] are not in this spec"),
         ([{"rule": "average", "adapters": ["a", "b"], "weights": [0.5, 0.6]}], "must sum to 1"),
         ([{"rule": "sum", "adapters": ["a", "b"]}, {"rule": "stack", "adapters": ["b", "a"]}], "already composed"),
-        ([{"rule": "blend", "adapters": ["a", "b"]}], "'sum', 'stack', 'gate' or 'average'"),
+        ([{"rule": "blend", "adapters": ["a", "b"]}], "'sum', 'stack', 'gate', 'average' or 'fuse'"),
+        ([{"rule": "sum", "adapters": ["a"]}], "a 'sum' rule combines at least two adapters"),
     ]:
         with pytest.raises(peftkit.SpecError, match=message):
             peftkit.Spec.model_validate({"adapters": {"a": [LORA], "b": [LORA]}, "compose": compose})

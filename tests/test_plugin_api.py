@@ -72,7 +72,7 @@ def test_the_merge_precision_is_float32_or_wider() -> None:
 
 
 def test_the_rules_are_importable_and_the_default_is_sum() -> None:
-    assert peftkit.ALL_RULES == frozenset(typing.get_args(compose.Rule)) == {"sum", "stack", "gate", "average"}
+    assert peftkit.ALL_RULES == frozenset(typing.get_args(compose.Rule)) == {"sum", "stack", "gate", "average", "fuse"}
     assert {"sum"} == peftkit.DEFAULT_RULES
     plain = peftkit.Capabilities(site="weight", module_types=(nn.Linear,), mergeable=False, identity_at_init=False)
     assert plain.compose_rules == peftkit.DEFAULT_RULES
