@@ -40,6 +40,32 @@ def test_bitfit_trains_a_delta_beside_every_bias_and_the_base_bias_never_changes
     assert all(torch.allclose(p, biases[n], atol=1e-7) for n, p in model.named_parameters() if n in biases)
 
 
+def test_bitfit_trains_exactly_as_unfreezing_the_biases_would():
+    """AdamW on a delta that starts at zero beside b takes the steps it would take on b itself: the same losses."""
+    import copy
+
+    base = _base("bert-tiny")
+    ours = peftkit.attach(copy.deepcopy(base), {"adapters": {"b": [{"method": "bitfit"}]}}).train()
+    plain = copy.deepcopy(base).train()
+    for name, parameter in plain.named_parameters():
+        parameter.requires_grad_(name.endswith(".bias"))
+    optimizers = [
+        torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+        for model in (ours, plain)
+    ]
+    ids = torch.randint(3, 100, (4, 8), generator=torch.Generator().manual_seed(0))
+    for step in range(4):
+        losses = []
+        for model, optimizer in zip((ours, plain), optimizers, strict=True):
+            torch.manual_seed(step)  # the same dropout masks
+            loss = model(ids).last_hidden_state.square().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
 def test_bitfit_on_a_model_without_biases_in_the_target_is_refused_and_the_model_left_as_it_was():
     model = _base("llama-tiny")  # no bias in any projection
     before = {k: v.clone() for k, v in model.state_dict().items()}
