@@ -46,9 +46,15 @@ class AdaLoRAConfig(MethodConfig):
     beta1: float = Field(default=0.85, gt=0, lt=1, description="smoothing of the sensitivity")
     beta2: float = Field(default=0.85, gt=0, lt=1, description="smoothing of the uncertainty")
     orth_reg_weight: float = Field(default=0.5, ge=0, description="weight of the orthogonality regulariser")
+    ranks: dict[str, int] | None = Field(
+        default=None, description="each host's rank by module path (a saved, compacted adapter); others: init_r"
+    )
 
     @model_validator(mode="after")
     def _budget_falls(self) -> AdaLoRAConfig:
+        for path, rank in (self.ranks or {}).items():
+            if not 0 <= rank <= self.init_r:
+                raise ValueError(f"ranks[{path!r}] is {rank}: a host's rank is between 0 and init_r ({self.init_r})")
         if self.target_r > self.init_r:
             raise ValueError(f"target_r {self.target_r} is above init_r {self.init_r}: the budget only falls")
         for share, steps in (("warmup_share", "warmup_steps"), ("final_share", "final_steps")):
@@ -64,6 +70,12 @@ def phases(config: AdaLoRAConfig, total_steps: int) -> tuple[int, int]:
     warmup = config.warmup_steps if config.warmup_share is None else round(config.warmup_share * total_steps)
     final = config.final_steps if config.final_share is None else round(config.final_share * total_steps)
     return warmup, final
+
+
+def rank_of(config: AdaLoRAConfig, site: WeightSite) -> int:
+    """The number of triplets the adapter on ``site`` holds: its saved rank, or init_r."""
+    context = getattr(site, "context", None)
+    return (config.ranks or {}).get(context.path if context is not None else "", config.init_r)
 
 
 def schedule_problem(config: AdaLoRAConfig, total_steps: int) -> str | None:
@@ -83,10 +95,11 @@ class AdaLoRAAdapter(Adapter):
         self.site = site
         self.scaling = config.alpha / (config.init_r + 1e-5)  # PEFT's divisor, the initial rank (+1e-5)
         like = {"device": site.device, "dtype": site.dtype}
-        self.lora_a = nn.Parameter(torch.empty(config.init_r, site.in_features, **like))  # Q
-        self.lora_e = nn.Parameter(torch.zeros(config.init_r, **like))  # λ: dW = 0, the base at init
-        self.lora_b = nn.Parameter(torch.empty(site.out_features, config.init_r, **like))  # P
-        self.register_buffer("kept", torch.ones(config.init_r, **like))  # 1 for a triplet in the rank, else 0
+        rank = rank_of(config, site)
+        self.lora_a = nn.Parameter(torch.empty(rank, site.in_features, **like))  # Q
+        self.lora_e = nn.Parameter(torch.zeros(rank, **like))  # λ: dW = 0, the base at init
+        self.lora_b = nn.Parameter(torch.empty(site.out_features, rank, **like))  # P
+        self.register_buffer("kept", torch.ones(rank, **like))  # 1 for a triplet in the rank, else 0
         if site.device.type != "meta":
             nn.init.normal_(self.lora_a, std=0.02)
             nn.init.normal_(self.lora_b, std=0.02)
@@ -134,6 +147,15 @@ class AdaLoRAAdapter(Adapter):
             return torch.zeros_like(self.lora_e, dtype=torch.float32)
         return (score["lora_e"] + score["lora_a"].mean(dim=1) + score["lora_b"].mean(dim=0)).float()
 
+    def compact_tensors(self, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        kept = own["kept"].bool()
+        return {
+            "lora_a": own["lora_a"][kept],
+            "lora_e": own["lora_e"][kept],
+            "lora_b": own["lora_b"][:, kept],
+            "kept": own["kept"][kept],
+        }
+
     @torch.no_grad()
     def keep(self, kept: torch.Tensor) -> None:
         """Make ``kept`` (one 0/1 per triplet) the rank: λ of every other triplet is set to zero."""
@@ -172,7 +194,15 @@ class AdaLoRA(Method):
 
     @classmethod
     def parameter_count(cls, config: AdaLoRAConfig, site: WeightSite) -> int:
-        return config.init_r * (site.in_features + site.out_features + 1)
+        return rank_of(config, site) * (site.in_features + site.out_features + 1)
+
+    @classmethod
+    def compact_config(cls, config: AdaLoRAConfig, adapters: list[tuple[str, AdaLoRAAdapter]]) -> AdaLoRAConfig | None:
+        """The final ranks: each host's kept triplets only, its rank recorded by path (the scale stays
+        alpha / init_r, so the saved adapter computes what the trained one does)."""
+        if all(adapter.rank == adapter.kept.numel() for _, adapter in adapters):
+            return None
+        return config.model_copy(update={"ranks": {path: adapter.rank for path, adapter in adapters}})
 
     @classmethod
     def create(cls, config: AdaLoRAConfig, site: WeightSite) -> AdaLoRAAdapter:
@@ -312,7 +342,7 @@ class AdaLoRA(Method):
         from peftkit.errors import CheckpointError
         from peftkit.interop.peft import peft_key
 
-        if len({a.config.model_copy(update={"target": "*"}) for a in attached}) > 1:
+        if len({a.config.model_dump_json(exclude={"target", "layers", "module_types", "ranks"}) for a in attached}) > 1:
             raise CheckpointError("a PEFT AdaLoRA adapter has one configuration; this adapter's entries differ")
         kinds = {type(a.module.site.module) for a in attached}
         if not (kinds <= {nn.Linear} or kinds <= {Conv1D}):
@@ -326,11 +356,13 @@ class AdaLoRA(Method):
         tensors: dict[str, torch.Tensor] = {}
         pattern: dict[str, list[bool]] = {}
         for a in attached:
-            kept = a.module.kept.bool() if pruned else torch.ones_like(a.module.kept, dtype=torch.bool)
+            kept = a.module.kept.bool()
             tensors[peft_key(a.path, "lora_A")] = a.module.lora_a[kept]
             tensors[peft_key(a.path, "lora_E")] = a.module.lora_e[kept].reshape(-1, 1)
             tensors[peft_key(a.path, "lora_B")] = a.module.lora_b[:, kept]
-            pattern[f"{a.path}.lora_E"] = kept.tolist()
+            # PEFT's pattern marks init_r slots; a compacted adapter's triplets take the first ones (order is free)
+            marks = kept.tolist() if kept.numel() == config.init_r else [True] * a.module.rank
+            pattern[f"{a.path}.lora_E"] = marks + [False] * (config.init_r - len(marks))
         fields = {theirs: getattr(config, ours) for ours, (theirs, _, _) in cls._PEFT_FIELDS.items()}
         fields.update(
             r=config.init_r,

@@ -86,6 +86,8 @@ def save(
     spec = state.spec
     if portable and any(rewrites_base(a) for a in state.attached):
         spec = _write_portable(state, tensors)
+    if portable:
+        spec = _write_compact(state, spec, tensors)
     spec = spec.to_json()
     metadata = {"format": "peftkit", SPEC_METADATA: spec}  # the spec travels inside the one file renamed last
     write_file_atomically(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -104,6 +106,30 @@ def _write_portable(state: Any, tensors: dict[str, torch.Tensor]) -> Spec:
                 tensors[prefix + name] = tensor.detach().to("cpu").contiguous().clone()
         adapters[attached.adapter_name][attached.entry] = attached.method.portable_config(attached.config)
     return Spec(adapters=adapters, trainable=state.spec.trainable, compose=state.spec.compose)
+
+
+def _write_compact(state: Any, spec: Spec, tensors: dict[str, torch.Tensor]) -> Spec:
+    """Replace, in ``tensors``, the adapters of each entry whose method compacts them (``Method.compact_config``) by
+    their compact tensors; the spec that describes them."""
+    groups: dict[tuple[str, int], list[Any]] = {}
+    for attached in state.attached:
+        groups.setdefault((attached.adapter_name, attached.entry), []).append(attached)
+    adapters = {name: list(entries) for name, entries in spec.adapters.items()}
+    changed = False
+    for (name, entry), members in groups.items():
+        first = members[0]
+        compact = first.method.compact_config(first.config, [(a.path, a.module) for a in members])
+        if compact is None:
+            continue
+        changed = True
+        adapters[name][entry] = compact
+        for attached in members:
+            prefix = f"{attached.path}.{ADAPTER_CONTAINER}.{attached.adapter_name}."
+            own = {key[len(prefix) :]: tensors.pop(key) for key in [k for k in tensors if k.startswith(prefix)]}
+            with torch.no_grad():
+                for key, tensor in attached.module.compact_tensors(own).items():
+                    tensors[prefix + key] = tensor.detach().to("cpu").contiguous().clone()
+    return Spec(adapters=adapters, trainable=spec.trainable, compose=spec.compose) if changed else spec
 
 
 def refuse_merged_writes(state: Any, keys: list[str], why: str, *, adapters_too: bool = True) -> None:

@@ -178,6 +178,11 @@ class Adapter(nn.Module):
         them from there rather than from the adapter's own, possibly sharded, parameters."""
         raise NotImplementedError(f"{type(self).__name__} does not rewrite its host")
 
+    def compact_tensors(self, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The adapter's saved tensors (``own``, by name) with what training left unused cut away, as an adapter of
+        ``Method.compact_config`` holds them (only asked when that returns a configuration)."""
+        return own
+
     def merge(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged")
 
@@ -238,6 +243,14 @@ class Method(ABC):
         """Act on one entry's adapters after optimizer step ``step`` (0-based) of ``total_steps``, while the
         gradients are still there (a rank re-allocation by importance). Called by ``peftkit.after_optimizer_step``;
         by default nothing happens."""
+        return None
+
+    @classmethod
+    def compact_config(cls, config: MethodConfig, adapters: list[tuple[str, Adapter]]) -> MethodConfig | None:
+        """For one entry's adapters (``(host path, adapter)`` pairs): the configuration of the same adapters with
+        what training left unused cut away (AdaLoRA's pruned ranks), which ``peftkit.save`` writes together with each
+        adapter's ``compact_tensors``; None (the default): the adapters are saved as they are. ``save(portable=False)``
+        (a checkpoint to resume from) keeps the full form."""
         return None
 
     @classmethod

@@ -114,10 +114,19 @@ def test_the_final_ranks_are_saved_and_load_with_equal_outputs(tmp_path):
     assert sum(ranks) == 8 * len(ranks) and len(set(ranks)) > 1  # the budget moved between hosts
     model.eval()
     expected = _output(model, "llama-tiny")
-    peftkit.save(model, tmp_path / "ckpt")
+    peftkit.save(model, tmp_path / "ckpt")  # the final form: each host's kept triplets only
+    saved = peftkit.read_spec(tmp_path / "ckpt").adapters["a"][0]
+    assert saved.ranks == {a.path: a.module.rank for a in get_state(model).attached}
     loaded = peftkit.load(_base("llama-tiny"), tmp_path / "ckpt").eval()
-    assert [a.module.rank for a in get_state(loaded).attached] == ranks
-    torch.testing.assert_close(_output(loaded, "llama-tiny"), expected, rtol=0, atol=0)
+    assert [a.module.lora_a.shape[0] for a in get_state(loaded).attached] == ranks
+    torch.testing.assert_close(_output(loaded, "llama-tiny"), expected, rtol=1e-6, atol=1e-6)
+    peftkit.save(model, tmp_path / "resume", portable=False)  # a checkpoint to resume from keeps every triplet
+    assert peftkit.read_spec(tmp_path / "resume").adapters["a"][0].ranks is None
+    peftkit.to_peft(loaded, tmp_path / "peft", "a")  # a compacted adapter exports with PEFT's init_r-slot pattern
+    from peft import PeftModel
+
+    theirs = PeftModel.from_pretrained(_base("llama-tiny"), tmp_path / "peft").eval()
+    _close(_output(theirs, "llama-tiny"), expected)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
