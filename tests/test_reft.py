@@ -101,3 +101,13 @@ def test_random_init_declares_it_is_not_an_identity():
     config = reft.ReFTConfig(init="random")
     assert not reft.ReFT.capabilities_for(config).identity_at_init
     assert reft.ReFT.capabilities_for(reft.ReFTConfig()).identity_at_init
+
+
+def test_an_encoder_decoder_takes_interventions_on_its_encoder_blocks_only():
+    from transformers import T5Config, T5Model
+
+    model = T5Model(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2)).eval()
+    with pytest.raises(peftkit.TargetingError, match="a decoder block of an encoder-decoder model"):
+        peftkit.attach(model, {"adapters": {"r": [{"method": "reft"}]}})
+    peftkit.attach(model, {"adapters": {"r": [{"method": "reft", "target": "re:encoder\\.block\\.\\d+"}]}})
+    assert [a.path for a in get_state(model).attached] == ["encoder.block.0", "encoder.block.1"]

@@ -67,6 +67,12 @@ def make_stream_site(module: nn.Module, context: SiteContext | None) -> StreamSi
             f"{type(module).__name__} is not a transformer block of this model; a stream adapter acts on a block's "
             "output (target '@block')"
         )
+    config = getattr(context.root, "config", None)
+    if getattr(config, "is_encoder_decoder", False) and ".decoder." in f".{context.path}.":
+        return (
+            "a decoder block of an encoder-decoder model: its positions are not those of the model's "
+            "attention_mask (the encoder's); target the encoder's blocks (e.g. 're:.*encoder.*' with '@block')"
+        )
     base = make_sublayer_site("output", module, context)
     return base if isinstance(base, str) else StreamSite(base, context.root)
 
