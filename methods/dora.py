@@ -120,7 +120,7 @@ class DoRA(LoRA):
 
     @classmethod
     def parameter_count(cls, config: DoRAConfig, site: WeightSite) -> int:
-        return config.r * (site.in_features + site.out_features) + site.out_features
+        return config.r * ((0 if config.freeze_a else site.in_features) + site.out_features) + site.out_features
 
     @classmethod
     def create(cls, config: DoRAConfig, site: WeightSite) -> DoRAAdapter:

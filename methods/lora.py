@@ -52,6 +52,11 @@ class LoRAConfig(MethodConfig):
     lora_plus_ratio: float | None = Field(
         default=None, gt=0, description="LoRA+: B learns at this multiple of A's learning rate (the paper: 16)"
     )
+    freeze_a: bool = Field(
+        default=False,
+        description="LoRA-FA: A stays as initialised (saved, not trained) and only B trains, so the backward keeps "
+        "the r-wide product for B's gradient instead of the layer's input",
+    )
 
     @model_validator(mode="after")
     def _iterations_need_pissa(self) -> LoRAConfig:
@@ -125,6 +130,10 @@ class LoRAAdapter(Adapter):
             nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         else:
             nn.init.normal_(self.lora_a, std=1.0 / config.r)
+        if config.freeze_a:  # LoRA-FA (Zhang et al. 2023): A as a saved buffer, which autograd never differentiates
+            frozen = self.lora_a.detach()
+            del self.lora_a
+            self.register_buffer("lora_a", frozen)
 
     def parameter_group(self, name: str) -> ParameterGroup:
         """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): B at ``lora_plus_ratio`` times A's learning rate."""
@@ -263,7 +272,7 @@ class LoRA(Method):
 
     @classmethod
     def parameter_count(cls, config: LoRAConfig, site: WeightSite) -> int:
-        return config.r * (site.in_features + site.out_features)
+        return config.r * ((0 if config.freeze_a else site.in_features) + site.out_features)
 
     @classmethod
     def create(cls, config: LoRAConfig, site: WeightSite) -> LoRAAdapter:

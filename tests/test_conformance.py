@@ -28,7 +28,7 @@ BUILTIN_CONFIGS = {
                 "rslora": st.booleans(),
                 "init": st.sampled_from(["kaiming", "gaussian", "pissa", "olora"]),
             },
-            optional={"lora_plus_ratio": st.floats(1.0, 32.0)},
+            optional={"lora_plus_ratio": st.floats(1.0, 32.0), "freeze_a": st.booleans()},
         ),
         # PiSSA by the randomised SVD (pissa_iterations needs init pissa)
         st.fixed_dictionaries(
@@ -42,7 +42,7 @@ BUILTIN_CONFIGS = {
     ),
     "dora": st.fixed_dictionaries(
         {"r": st.integers(1, 6), "alpha": st.floats(0.5, 32.0), "rslora": st.booleans()},
-        optional={"dropout": st.sampled_from([0.0, 0.1])},
+        optional={"dropout": st.sampled_from([0.0, 0.1]), "freeze_a": st.booleans()},
     ),
     "trainable-tokens": st.fixed_dictionaries({"indices": st.lists(st.integers(0, 1), min_size=1, unique=True)}),
     "houlsby": _BOTTLENECK,
