@@ -111,18 +111,15 @@ def _write_portable(state: Any, tensors: dict[str, torch.Tensor]) -> Spec:
 def _write_compact(state: Any, spec: Spec, tensors: dict[str, torch.Tensor]) -> Spec:
     """Replace, in ``tensors``, the adapters of each entry whose method compacts them (``Method.compact_config``) by
     their compact tensors; the spec that describes them."""
-    groups: dict[tuple[str, int], list[Any]] = {}
-    for attached in state.attached:
-        groups.setdefault((attached.adapter_name, attached.entry), []).append(attached)
     adapters = {name: list(entries) for name, entries in spec.adapters.items()}
     changed = False
-    for (name, entry), members in groups.items():
+    for members in state.entries():
         first = members[0]
         compact = first.method.compact_config(first.config, [(a.path, a.module) for a in members])
         if compact is None:
             continue
         changed = True
-        adapters[name][entry] = compact
+        adapters[first.adapter_name][first.entry] = compact
         for attached in members:
             prefix = f"{attached.path}.{ADAPTER_CONTAINER}.{attached.adapter_name}."
             own = {key[len(prefix) :]: tensors.pop(key) for key in [k for k in tensors if k.startswith(prefix)]}

@@ -101,13 +101,18 @@ def _set_training_state(model: nn.Module, state: ModelState) -> None:
         if ADAPTER_CONTAINER not in name.split("."):
             state.original_requires_grad.setdefault(name, parameter.requires_grad)
             parameter.requires_grad_(False)
-    fused = {name for c in state.spec.compose if c.rule == "fuse" for name in c.adapters}  # only the fusion trains
-    for attached in state.attached:
-        for parameter in attached.module.parameters():
-            parameter.requires_grad_(attached.adapter_name not in fused)
+    _train_adapters(state)
     for path in plan_trainable_paths(model, state.spec):
         for parameter in modules[path].parameters():
             parameter.requires_grad_(True)
+
+
+def _train_adapters(state: ModelState) -> None:
+    """Make every attached adapter trainable, except the members of a ``fuse`` rule: only the fusion trains."""
+    fused = {name for c in state.spec.compose if c.rule == "fuse" for name in c.adapters}
+    for attached in state.attached:
+        for parameter in attached.module.parameters():
+            parameter.requires_grad_(attached.adapter_name not in fused)
 
 
 def plan_trainable_paths(model: nn.Module, spec: Spec) -> list[str]:
@@ -432,10 +437,7 @@ def fold(model: nn.Module) -> nn.Module:
             entries[attached.entry] = attached.config
             adapters[attached.adapter_name] = entries
     state.spec = Spec(adapters=adapters, trainable=state.spec.trainable, compose=state.spec.compose)
-    fused = {name for c in state.spec.compose if c.rule == "fuse" for name in c.adapters}  # only the fusion trains
-    for attached in state.attached:
-        for parameter in attached.module.parameters():
-            parameter.requires_grad_(attached.adapter_name not in fused)
+    _train_adapters(state)
     return model
 
 

@@ -34,15 +34,18 @@ def _training_groups(model: nn.Module) -> list[tuple[type[Method], MethodConfig,
     state = get_state(model)
     if state is None:
         return []
-    groups: dict[tuple[str, int], tuple[type[Method], MethodConfig, list[Adapter]]] = {}
-    for attached in state.attached:
-        if attached.adapter_name not in state.active or attached.module.merged:
-            continue
-        if not any(p.requires_grad for p in attached.module.parameters()):
-            continue
-        key = (attached.adapter_name, attached.entry)
-        groups.setdefault(key, (attached.method, attached.config, []))[2].append(attached.module)
-    return list(groups.values())
+    groups = []
+    for members in state.entries():
+        training = [
+            a.module
+            for a in members
+            if a.adapter_name in state.active
+            and not a.module.merged
+            and any(p.requires_grad for p in a.module.parameters())
+        ]
+        if training:
+            groups.append((members[0].method, members[0].config, training))
+    return groups
 
 
 def check_schedule(spec: Spec | nn.Module | Mapping[str, Any] | str | Path, total_steps: int) -> None:

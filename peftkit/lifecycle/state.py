@@ -57,6 +57,14 @@ class ModelState:
             raise AttachError(f"no attached adapter named {sorted(unknown)}; attached: {known}")
         return [a for a in self.attached if a.adapter_name in wanted]
 
+    def entries(self) -> list[list[AttachedAdapter]]:
+        """The attached adapters grouped by spec entry (adapter name and entry index), in attach order: the unit a
+        method's entry-wide hooks act on (shared state, training hooks, a compact saved form)."""
+        groups: dict[tuple[str, int], list[AttachedAdapter]] = {}
+        for attached in self.attached:
+            groups.setdefault((attached.adapter_name, attached.entry), []).append(attached)
+        return list(groups.values())
+
 
 def get_state(model: nn.Module) -> ModelState | None:
     return getattr(model, STATE_ATTRIBUTE, None)
