@@ -40,7 +40,11 @@ case "$command" in
   test)
     setup
     export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
-    exec python -m pytest -q "$@"
+    # One pytest worker per core (at most 4), each with one torch thread: two workers' OpenMP threads spinning on
+    # the same cores would run many times slower. PEFTKIT_TEST_WORKERS=0 runs the suite in one process.
+    workers="${PEFTKIT_TEST_WORKERS:-$(python -c 'import os; print(min(4, len(os.sched_getaffinity(0))))')}"
+    if [ "$workers" != 0 ]; then export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE; fi
+    exec python -m pytest -q -n "$workers" "$@"
     ;;
   *)
     echo "usage: bash run.sh compare [options] | bash run.sh test [pytest args]" >&2
