@@ -77,20 +77,29 @@ class DoRAAdapter(LoRAAdapter):
         return self.site.along_features(self.lora_magnitude / norm)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        factor = self._factor(self.weight_norm()).to(out.dtype)
-        bias = getattr(self.site.module, "bias", None)
-        bias = None if bias is None else self.site.along_features(bias).to(out.dtype)
         if self.dropout and self.training:
+            factor = self._factor(self.weight_norm()).to(out.dtype)
             x = F.dropout(x, self.dropout, training=True)
             base = self.site.project_in(x, self.site.weight_view())  # W0 x on the dropped input, no bias
             h = self.site.project_in(x, self.lora_a)
             update = self.site.project_out_(torch.zeros_like(out), h, self.lora_b, self.scaling)
             return out + (factor - 1.0) * base + factor * update
-        # W0 x + b + s B A x, in place, then f ⊙ (that - b) + b in one pass: (1 - f) b + f ⊙ that
-        mixed = self.site.project_out_(out, self.site.project_in(x, self.lora_a), self.lora_b, self.scaling)
+        # W0 x + b + s B A x, in place, then rescaled
+        return self._rescaled(
+            self.site.project_out_(out, self.site.project_in(x, self.lora_a), self.lora_b, self.scaling)
+        )
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """W0 x + b + s B A x from the fused function (LoRA's ``fuses`` decides when), then rescaled."""
+        return self._rescaled(self.site.fused_product(x, self.lora_a, self.lora_b, self.scaling))
+
+    def _rescaled(self, mixed: torch.Tensor) -> torch.Tensor:
+        """f ⊙ (mixed - b) + b in one pass, (1 - f) b + f ⊙ mixed, for mixed = W0 x + b + s B A x."""
+        factor = self._factor(self.weight_norm()).to(mixed.dtype)
+        bias = getattr(self.site.module, "bias", None)
         if bias is None:
             return mixed * factor
-        return torch.addcmul(bias * (1.0 - factor), mixed, factor)
+        return torch.addcmul(self.site.along_features(bias).to(mixed.dtype) * (1.0 - factor), mixed, factor)
 
     def merge_refusal(self) -> str | None:
         if not torch.isfinite(self.lora_magnitude.detach()).all():

@@ -145,6 +145,14 @@ class LoRAAdapter(Adapter):
         h = self.site.project_in(x, self.lora_a)  # "... d_in -> ... r"
         return self.site.project_out_(out, h, self.lora_b, self.scaling)  # out += scaling * h @ B.T
 
+    def fuses(self, x: torch.Tensor) -> bool:
+        """The host's product and B A in one autograd function while training, where the site allows it (a plain
+        linear host, frozen, same dtypes); not with dropout, whose masked input only the update sees."""
+        return not (self.dropout and self.training) and self.site.fuses(x, self.lora_a, self.lora_b)
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.site.fused_product(x, self.lora_a, self.lora_b, self.scaling)
+
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A as a (d_out, d_in) matrix in float32, or float64 for a float64 model."""
         return (widened(self.lora_b) @ widened(self.lora_a)).mul_(self.scaling)

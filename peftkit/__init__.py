@@ -52,6 +52,7 @@ from peftkit.registry import (
     registered,
     unregister_method,
 )
+from peftkit.sites.fused import unfused
 from peftkit.spec import Spec
 from peftkit.targeting import Plan, PlanRow
 
@@ -111,6 +112,7 @@ __all__ = [
     "set_trainable",
     "to_peft",
     "trainable_parameters",
+    "unfused",
     "unmerge",
     "unregister_method",
     "zoo",

@@ -136,6 +136,17 @@ class Adapter(nn.Module):
         """Weight, output and parallel sites call this; an attention-site adapter acts in ``attend`` instead."""
         return out
 
+    def fuses(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`fused_forward` computes the host's output with this adapter applied, for input ``x``. The
+        core asks before the host runs, where this adapter is the first to act on the host's output; when True the
+        host's own forward is skipped and :meth:`forward` is not called for this adapter in that call."""
+        return False
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The host's output for ``x`` with this adapter's change, computed together in one autograd function (a
+        weight site's :meth:`~peftkit.sites.WeightSite.fused_product`); it must equal ``forward(x, host(x))``."""
+        raise NotImplementedError(f"{type(self).__name__} does not fuse with its host")
+
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         """The host's input as the adapted model sees it (only called when ``transforms_input`` is True)."""
         return x

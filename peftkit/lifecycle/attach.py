@@ -17,17 +17,24 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from peftkit.compose import LEARNED_RULES, check_rules, compose_output, gate_name, rule_module
 from peftkit.errors import AttachError
 from peftkit.keys import ADAPTER_CONTAINER
 from peftkit.lifecycle.activation import routed_input, routed_output
 from peftkit.lifecycle.dequantize import dequantized_hosts, install_dequantized
+from peftkit.lifecycle.fused_forward import FUSED_MARK, FusedForward, HostHandles, can_replace_forward, fused_adapter
 from peftkit.lifecycle.merging import merge, mergeable_choice, unmerge
 from peftkit.lifecycle.rewrite import refuse_rewrites, restore, rewrite, rewrites_base, rewritten_by
 from peftkit.lifecycle.shared import adopt_shared_state, build_shared_state
-from peftkit.lifecycle.state import STATE_ATTRIBUTE, AttachedAdapter, ModelState, get_state, require_state
+from peftkit.lifecycle.state import (
+    STATE_ATTRIBUTE,
+    AttachedAdapter,
+    ModelState,
+    Removable,
+    get_state,
+    require_state,
+)
 from peftkit.lifecycle.tied import follow, holders_to_follow
 from peftkit.method import Adapter, Method
 from peftkit.patterns import compile_pattern
@@ -55,6 +62,8 @@ def _run_adapters(state: ModelState, module: nn.Module, args: tuple[Any, ...], k
     if not running and not dormant and state.routing is None:
         return None
     x = first_input(args, kwargs)
+    if container.__dict__.get(FUSED_MARK) and fused_adapter(state, container, x) is not None:
+        running = running[1:]  # the first computed the host's output with its own change (fused_forward.py)
     hidden = out if isinstance(out, torch.Tensor) else out[0]  # sub-layers may return (hidden, weights, ...)
     for adapter in dormant:
         hidden = adapter.removed_forward(x, hidden)
@@ -202,6 +211,8 @@ def _install(
         host.add_module(ADAPTER_CONTAINER, container)
         undo.append(functools.partial(delattr, host, ADAPTER_CONTAINER))
         handle = host.register_forward_hook(_make_hook(state), with_kwargs=True)
+        if can_replace_forward(item.site, host):
+            handle = HostHandles(handle, FusedForward(state, host, container))
         state.hooks[path] = handle
         undo.append(functools.partial(_drop_hook, state, path, handle))
     container[name] = adapter
@@ -222,7 +233,7 @@ def _install(
     undo.append(functools.partial(state.attached.remove, attached))
 
 
-def _drop_hook(state: ModelState, path: str, handle: RemovableHandle) -> None:
+def _drop_hook(state: ModelState, path: str, handle: Removable) -> None:
     handle.remove()
     state.hooks.pop(path, None)
 

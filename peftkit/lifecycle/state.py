@@ -8,17 +8,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from peftkit.errors import AttachError
 from peftkit.method import Adapter, Method, MethodConfig
 from peftkit.spec import Spec
 
 STATE_ATTRIBUTE = "_peftkit_state"
+
+
+class Removable(Protocol):
+    """A hook handle, or anything else the core installed on a host that one call takes away."""
+
+    def remove(self) -> None: ...
 
 
 @dataclass
@@ -38,7 +43,7 @@ class ModelState:
 
     spec: Spec
     attached: list[AttachedAdapter] = field(default_factory=list)
-    hooks: dict[str, RemovableHandle] = field(default_factory=dict)
+    hooks: dict[str, Removable] = field(default_factory=dict)
     original_requires_grad: dict[str, bool] = field(default_factory=dict)
     active: set[str] = field(default_factory=set)
     routing: Any = None  # an activation.Routing while `peftkit.route` is in effect

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftkit.sites.fused import fusion_enabled, low_rank_linear
 from peftkit.sites.kinds import SiteContext, register_site_kind
 
 try:  # GPT-2 and a few other transformers models use a transposed linear layer
@@ -103,6 +104,33 @@ class WeightSite:
             return out
         return out + F.linear(x, delta * scale).to(out.dtype)
 
+    # True where the host's forward is exactly ``x Wᵀ + b`` (nn.Linear, Conv1D, or a subclass that keeps their forward), so
+    # that :func:`~peftkit.sites.fused.low_rank_linear` can compute it together with a low-rank update.
+    fused_host = False
+
+    def fuses(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+        """Whether :meth:`fused_product` computes this host's output for input ``x`` with factors ``a``, ``b``: only
+        where it is faster than the host's forward plus the update, i.e. when autograd will differentiate a factor
+        (without a backward the hook path is already one GEMM and an in-place ``addmm_``), the weight and bias are
+        frozen (the fused backward gives them no gradient), no autocast changes dtypes, and all dtypes agree."""
+        if not (self.fused_host and fusion_enabled() and torch.is_grad_enabled()):
+            return False
+        if not (a.requires_grad or b.requires_grad):
+            return False
+        bias = getattr(self.module, "bias", None)
+        frozen = not self.weight.requires_grad and (bias is None or not bias.requires_grad)
+        return (
+            frozen
+            and not torch.is_autocast_enabled(x.device.type)
+            and x.dtype == self.weight.dtype == a.dtype == b.dtype
+            and x.device == self.weight.device
+        )
+
+    def fused_product(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        """The host's output plus ``scale * (x Aᵀ) Bᵀ``, forward and backward in one autograd function (only where
+        :meth:`fuses` said so)."""
+        return low_rank_linear(x, self.weight_view(), getattr(self.module, "bias", None), a, self._scaled(b), scale)
+
     # A host whose forward multiplies its own output by a constant (Gemma's and BART's scaled word embeddings): the
     # update is scaled the same way, so that the unmerged forward equals the merged one, scale * (W + dW).
     output_scale: torch.Tensor | float | None = None
@@ -184,6 +212,7 @@ class LinearSite(WeightSite):
     def __init__(self, module: nn.Linear) -> None:
         super().__init__(module)
         self.in_features, self.out_features = module.in_features, module.out_features
+        self.fused_host = type(module).forward is nn.Linear.forward
 
 
 class Conv1DSite(WeightSite):
@@ -192,6 +221,7 @@ class Conv1DSite(WeightSite):
     def __init__(self, module: nn.Module) -> None:
         super().__init__(module)
         self.in_features, self.out_features = module.weight.shape
+        self.fused_host = type(module).forward is Conv1D.forward
 
     def weight_view(self) -> torch.Tensor:
         return self.weight.t()

@@ -1,0 +1,244 @@
+"""The fused path: a linear host's product and a low-rank update in one autograd function (peftkit/sites/fused.py),
+chosen per call by the core (peftkit/lifecycle/fused_forward.py), must compute what the hook path computes."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import peftkit
+from peftkit.sites.fused import LowRankLinear
+from peftkit.testing import randomise_adapters
+from peftkit.zoo import TINY_MODELS
+
+
+@contextlib.contextmanager
+def counting_fused_calls() -> Iterator[list[int]]:
+    """How many times the fused function ran inside the block."""
+    calls = [0]
+    forward = LowRankLinear.forward
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return forward(*args, **kwargs)
+
+    with mock.patch.object(LowRankLinear, "forward", staticmethod(counting)):
+        yield calls
+
+
+@pytest.fixture
+def fused_calls():
+    with counting_fused_calls() as calls:
+        yield calls
+
+
+def outputs_and_gradients(model: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> list[torch.Tensor]:
+    x = x.detach().requires_grad_()
+    model.zero_grad()
+    out = model(x)
+    (out * weight).sum().backward()
+    trained = [p.grad for p in model.parameters() if p.requires_grad]
+    return [out.detach(), x.grad, *trained]
+
+
+@given(
+    method=st.sampled_from(["lora", "dora"]),
+    host=st.sampled_from(["linear", "conv1d"]),
+    d_in=st.integers(1, 24),
+    d_out=st.integers(1, 24),
+    r=st.integers(1, 6),
+    lead=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    bias=st.booleans(),
+    freeze_a=st.booleans(),
+    rslora=st.booleans(),
+    second=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_outputs_and_gradients_equal_the_hook_path(
+    method, host, d_in, d_out, r, lead, bias, freeze_a, rslora, second, seed
+):
+    """fp32, 1e-6 relative to the largest value, for LoRA and DoRA (which rescales the fused output); with ``second`` a second adapter on the host runs on the hook path
+    after the fused one, adding into the fused function's output in place."""
+    torch.manual_seed(seed)
+    layer = nn.Linear(d_in, d_out, bias=bias) if host == "linear" else Conv1D(d_out, d_in)
+    model = nn.Sequential(layer)
+    adapters = {"a": [{"method": method, "target": ["0"], "r": r, "freeze_a": freeze_a, "rslora": rslora}]}
+    if second:
+        adapters["b"] = [{"method": "lora", "target": ["0"], "r": 2}]
+    peftkit.attach(model, {"adapters": adapters})
+    randomise_adapters(model)
+    x = torch.randn(*lead, d_in)
+    weight = torch.randn(*lead, d_out)
+    with counting_fused_calls() as calls:
+        fused = outputs_and_gradients(model, x, weight)
+    assert calls[0] == 1
+    with peftkit.unfused():
+        hooks = outputs_and_gradients(model, x, weight)
+    for got, want in zip(fused, hooks, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * max(want.abs().max().item(), 1e-3))
+
+
+@pytest.mark.parametrize("family", ["gpt2-tiny", "llama-tiny"])
+def test_a_training_step_is_fused_and_equals_the_hook_path_in_float64(family, fused_calls):
+    torch.manual_seed(0)
+    model = TINY_MODELS[family]().double()
+    target = ["c_attn", "c_proj", "c_fc"] if family == "gpt2-tiny" else ["q_proj", "v_proj", "up_proj", "down_proj"]
+    peftkit.attach(model, {"adapters": {"a": [{"method": "lora", "target": target, "r": 4}]}})
+    randomise_adapters(model)
+    ids = torch.randint(0, 50, (2, 7))
+
+    def step() -> list[torch.Tensor]:
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return [loss.detach()] + [p.grad for p in model.parameters() if p.requires_grad]
+
+    fused = step()
+    hosts = len(
+        peftkit.plan(model.__class__(model.config), {"adapters": {"a": [{"method": "lora", "target": target}]}}).rows
+    )
+    assert fused_calls[0] == hosts  # every adapted host ran fused
+    with peftkit.unfused():
+        hooks = step()
+    assert fused_calls[0] == hosts  # and none inside unfused()
+    for got, want in zip(fused, hooks, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert fused_calls[0] == hosts, "without autograd the hook path is used"
+
+
+def _model_with_lora(**entry) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    peftkit.attach(model, {"adapters": {"a": [{"method": "lora", "target": ["0", "2"], "r": 2, **entry}]}})
+    randomise_adapters(model)
+    return model
+
+
+@pytest.mark.parametrize(
+    "situation",
+    ["dropout", "trainable host", "merged", "disabled", "routed", "composed", "inactive", "autocast"],
+)
+def test_what_the_fused_function_does_not_cover_takes_the_hook_path(situation, fused_calls):
+    model = _model_with_lora(dropout=0.1 if situation == "dropout" else 0.0)
+    if situation == "trainable host":
+        model[0].weight.requires_grad_(True)
+    if situation == "merged":
+        peftkit.merge(model)
+    if situation == "inactive":
+        peftkit.activate(model, [])
+    if situation == "composed":
+        peftkit.attach(model, {"adapters": {"b": [{"method": "lora", "target": ["0"], "r": 2}]}})
+        peftkit.add_rule(model, {"rule": "average", "adapters": ["a", "b"], "weights": [0.5, 0.5]})
+    x = torch.randn(3, 8, requires_grad=True)  # a backward exists even where no adapter runs
+    if situation == "disabled":
+        with peftkit.disabled(model):
+            model(x).sum().backward()
+    elif situation == "routed":
+        with peftkit.route(model, ["a", None, "a"]):
+            model(x).sum().backward()
+    elif situation == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x).float().sum().backward()
+    else:
+        model(x).sum().backward()
+    expected = 1 if situation == "trainable host" else 0  # the other host (2) still fuses
+    assert fused_calls[0] == expected
+
+
+def test_a_host_whose_forward_someone_else_replaced_keeps_it(fused_calls):
+    """accelerate's device and offload hooks replace ``module.forward`` on the instance; that forward must run."""
+    model = nn.Sequential(nn.Linear(8, 8))
+    seen = []
+    original = model[0].forward
+
+    def their_forward(x):
+        seen.append(x.shape)
+        return original(x)
+
+    model[0].forward = their_forward
+    peftkit.attach(model, {"adapters": {"a": [{"method": "lora", "target": ["0"], "r": 2}]}})
+    model(torch.randn(2, 8)).sum().backward()
+    assert seen and fused_calls[0] == 0
+    peftkit.detach(model)
+    assert model[0].forward is their_forward
+
+
+def test_detach_and_failed_attach_leave_no_forward_behind(monkeypatch):
+    model = _model_with_lora()
+    assert "forward" in model[0].__dict__
+    peftkit.detach(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("a failure after every host was installed")
+
+    monkeypatch.setattr("peftkit.lifecycle.attach._add_gates", fail)
+    with pytest.raises(RuntimeError, match="after every host"):
+        peftkit.attach(model, {"adapters": {"a": [{"method": "lora", "target": ["0", "2"], "r": 2}]}})
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_a_deep_copy_fuses_its_own_adapters(fused_calls):
+    model = _model_with_lora()
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            if p.requires_grad:
+                p.mul_(2)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want_model, want_clone = model(x), clone(x)
+    assert fused_calls[0] == 0
+    torch.testing.assert_close(model(x).detach(), want_model)
+    torch.testing.assert_close(clone(x).detach(), want_clone)
+    assert fused_calls[0] == 4
+
+
+def test_a_fused_training_step_compiles_without_graph_breaks():
+    model = _model_with_lora()
+    x = torch.randn(6, 8)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda: model(x).pow(2).sum())()
+    assert explanation.graph_break_count == 0
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward, the model's own tensors left out."""
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in owned:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(x).sum().backward()
+    return sum(seen.values())
+
+
+def test_adapters_on_one_host_keep_one_copy_of_its_input():
+    """The fused adapter and one beside it on the hook path save the same input tensor, not a copy each: a second
+    adapter costs its r-wide product and its B, not another (tokens, in_features) input."""
+    torch.manual_seed(0)
+    d, tokens = 64, 256
+    one = nn.Sequential(nn.Linear(d, d))
+    two = copy.deepcopy(one)
+    peftkit.attach(one, {"adapters": {"a": [{"method": "lora", "target": ["0"], "r": 4}]}})
+    entry = {"method": "lora", "target": ["0"], "r": 4}
+    peftkit.attach(two, {"adapters": {"a": [dict(entry)], "b": [dict(entry)]}})
+    x = torch.randn(tokens, d)
+    extra = _saved_bytes(two, x) - _saved_bytes(one, x)
+    assert 0 < extra < x.numel() * x.element_size() / 4
