@@ -28,8 +28,9 @@ FUSED_MARK = "peftkit_fused_forward"
 
 
 def fused_adapter(state: ModelState, container: nn.ModuleDict, x: torch.Tensor) -> Adapter | None:
-    """The adapter that computes the host's output for ``x`` in this call, or None (the host then runs itself)."""
-    if state.routing is not None or state.spec.compose:
+    """The adapter that computes the host's output for ``x`` in this call, or None (the host then runs itself).
+    Without autograd nothing fuses, and that is asked first: inference pays one call here per host, not a search."""
+    if not torch.is_grad_enabled() or state.routing is not None or state.spec.compose:
         return None
     first = None
     for name, adapter in container.items():
@@ -42,7 +43,7 @@ def fused_adapter(state: ModelState, container: nn.ModuleDict, x: torch.Tensor) 
 
 
 def _forward(state: ModelState, host: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    container = host._modules.get(ADAPTER_CONTAINER)
+    container = host._modules.get(ADAPTER_CONTAINER) if torch.is_grad_enabled() else None
     if container is not None and (args or kwargs):
         x = first_input(args, kwargs)
         adapter = fused_adapter(state, container, x)
