@@ -263,15 +263,19 @@ def warm_up(family: str, args: argparse.Namespace) -> None:
     gc.collect()
 
 
-def _memory_child_entry(family: str, variant: str, args: argparse.Namespace, results: Any) -> None:
+def _memory_child_entry(
+    child: Callable[..., dict[str, Any]], family: str, variant: str, args: argparse.Namespace, results: Any
+) -> None:
     try:
-        results.put(memory_child(family, variant, args))
+        results.put(child(family, variant, args))
     except BaseException as error:  # the parent waits on the queue, so it must always hear back
         results.put({"model": family, "variant": variant, "error": repr(error)})
 
 
-def run_children(jobs: list[tuple[str, str]], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """One forked process per job, ``args.memory_jobs`` at a time.
+def run_children(
+    jobs: list[tuple[str, str]], args: argparse.Namespace, child: Callable[..., dict[str, Any]] = memory_child
+) -> list[dict[str, Any]]:
+    """``child(family, variant, args)`` in one forked process per job, ``args.memory_jobs`` at a time.
 
     Forking (not a fresh interpreter) skips ~5 s of imports per child; the child's baseline is taken after the
     fork and its high-water mark is reset after the build, so the parent's pages do not count. The parent forks
@@ -282,7 +286,7 @@ def run_children(jobs: list[tuple[str, str]], args: argparse.Namespace) -> list[
     collected: list[dict[str, Any]] = []
     for start in range(0, len(jobs), args.memory_jobs):
         batch = [
-            context.Process(target=_memory_child_entry, args=(*job, args, results))
+            context.Process(target=_memory_child_entry, args=(child, *job, args, results))
             for job in jobs[start : start + args.memory_jobs]
         ]
         for process in batch:
@@ -429,30 +433,40 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_shape_arguments(parser: argparse.ArgumentParser, layers: int, hidden: int, train_batch: int) -> None:
+    """The model, batch and round options every LoRA-cost benchmark takes (this one and versus_peft.py)."""
     parser.add_argument("--models", nargs="+", choices=sorted(LORA_TARGETS), default=["gpt2", "llama"])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--hidden", type=int, default=hidden)
     parser.add_argument("--vocab", type=int, default=8192, help="small, so lm_head does not drown the blocks")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="inference batch sizes")
-    parser.add_argument("--train-batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=7, help="inference rounds")
-    parser.add_argument("--train-repeats", type=int, default=5, help="training rounds (0 skips training time)")
+    parser.add_argument("--train-batch", type=int, default=train_batch)
     parser.add_argument("--memory-steps", type=int, default=2, help="training steps in each memory process")
-    parser.add_argument("--memory-jobs", type=int, default=2, help="memory processes run at once")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 gives stable numbers)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+
+
+def quick_shapes(args: argparse.Namespace) -> None:
+    """--quick: tiny shapes and 2 rounds, for a CI smoke run whose numbers say nothing."""
+    args.layers, args.hidden, args.vocab, args.seq = 2, 128, 512, 32
+    args.batches, args.train_batch, args.repeats, args.train_repeats, args.memory_steps = [1, 2], 2, 2, 2, 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_shape_arguments(parser, layers=4, hidden=768, train_batch=4)
+    parser.add_argument("--repeats", type=int, default=7, help="inference rounds")
+    parser.add_argument("--train-repeats", type=int, default=5, help="training rounds (0 skips training time)")
+    parser.add_argument("--memory-jobs", type=int, default=2, help="memory processes run at once")
     parser.add_argument(
         "--quick", action="store_true", help="CI smoke run: tiny shapes, 2 rounds; seconds, not minutes"
     )
-    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.layers, args.hidden, args.vocab, args.seq = 2, 128, 512, 32
-        args.batches, args.train_batch, args.repeats, args.train_repeats, args.memory_steps = [1, 2], 2, 2, 2, 1
+        quick_shapes(args)
     return args
 
 

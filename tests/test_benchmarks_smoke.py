@@ -95,3 +95,23 @@ def test_init_cost_quick_times_every_initialisation_and_agrees_with_peft(run_qui
     assert all(row["attach_s"] >= 0 for row in report["results"])
     for diff in report["peftkit_vs_peft_max_abs_residual_diff"].values():
         assert diff < 1e-5  # the same residual weights as PEFT's
+
+
+def test_versus_peft_quick_measures_every_section_and_agrees_with_peft(run_quick) -> None:
+    pytest.importorskip("peft")
+    report = run_quick("versus_peft")
+    assert report["benchmark"] == "versus_peft"
+    assert max(report["agreement"].values()) < 1e-4  # both libraries compute the same model
+    config = report["config"]
+    assert {(r["model"], r["targets"]) for r in report["training"]} == {
+        (m, t) for m in config["models"] for t in config["targets"]
+    }
+    for row in report["training"]:
+        assert row["peftkit_over_full"] > 0 and row["peft_over_full"] > 0 and row["peftkit_over_peft"] > 0
+    for row in report["inference"]:
+        assert row["peftkit_over_base"] > 0 and row["peft_over_base"] > 0 and row["merged_over_base"] > 0
+    assert {r["adapters"] for r in report["mixed"]} and all(r["routed_over_peft_mixed"] > 0 for r in report["mixed"])
+    assert all(len(section["load_before"]) == 3 for section in report["load"].values())
+    if Path("/proc/self/clear_refs").exists():
+        for row in report["memory"]:
+            assert row["exact_floor_peftkit_over_full"] < 1 and row["peak_rss_peft_over_full"] > 0
