@@ -127,7 +127,7 @@ def _model_with_lora(**entry) -> nn.Module:
 
 @pytest.mark.parametrize(
     "situation",
-    ["dropout", "trainable host", "merged", "disabled", "routed", "composed", "inactive", "autocast"],
+    ["dropout", "trainable host", "merged", "disabled", "routed", "composed", "inactive"],
 )
 def test_what_the_fused_function_does_not_cover_takes_the_hook_path(situation, fused_calls):
     model = _model_with_lora(dropout=0.1 if situation == "dropout" else 0.0)
@@ -147,9 +147,6 @@ def test_what_the_fused_function_does_not_cover_takes_the_hook_path(situation, f
     elif situation == "routed":
         with peftkit.route(model, ["a", None, "a"]):
             model(x).sum().backward()
-    elif situation == "autocast":
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            model(x).float().sum().backward()
     else:
         model(x).sum().backward()
     expected = 1 if situation == "trainable host" else 0  # the other host (2) still fuses
@@ -242,3 +239,29 @@ def test_adapters_on_one_host_keep_one_copy_of_its_input():
     x = torch.randn(tokens, d)
     extra = _saved_bytes(two, x) - _saved_bytes(one, x)
     assert 0 < extra < x.numel() * x.element_size() / 4
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_under_autocast_the_fused_step_computes_what_autocast_computes_on_the_hook_path(method, fused_calls):
+    """bf16 autocast over an fp32 model (``peftkit compare --dtype bf16``): the fused function gets every operand in
+    bf16, as autocast gives them to the host's ``F.linear`` and the adapter's products."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.Tanh(), nn.Linear(48, 16))
+    peftkit.attach(model, {"adapters": {"a": [{"method": method, "target": ["0", "2"], "r": 4}]}})
+    randomise_adapters(model)
+    x = torch.randn(5, 7, 32)
+
+    def step() -> list[torch.Tensor]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().pow(2).sum().backward()
+        return [out.detach()] + [p.grad for p in model.parameters() if p.requires_grad]
+
+    fused = step()
+    assert fused_calls[0] == 2 and fused[0].dtype == torch.bfloat16
+    with peftkit.unfused():
+        hooks = step()
+    for got, want in zip(fused, hooks, strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * max(want.abs().max().item(), 1e-3))

@@ -29,6 +29,10 @@ except ImportError:  # pragma: no cover - transformers is a dependency, but the 
     Conv1D = None  # type: ignore[assignment,misc]
 
 
+# the floating dtypes autocast casts to its own (it leaves float64 alone)
+_AUTOCAST_CASTS = frozenset({torch.float32, torch.float16, torch.bfloat16})
+
+
 def widened(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` in float32, or as it is when it is float32 or wider (float64): the precision a merge computes its
     update in, so that a bf16 or fp16 model rounds once, when the sum is cast back to the weight's dtype."""
@@ -112,24 +116,31 @@ class WeightSite:
         """Whether :meth:`fused_product` computes this host's output for input ``x`` with factors ``a``, ``b``: only
         where it is faster than the host's forward plus the update, i.e. when autograd will differentiate a factor
         (without a backward the hook path is already one GEMM and an in-place ``addmm_``), the weight and bias are
-        frozen (the fused backward gives them no gradient), no autocast changes dtypes, and all dtypes agree."""
+        frozen (the fused backward gives them no gradient), and all dtypes agree, or autocast will cast them all to
+        its dtype (as it would cast the host's and the adapter's products on the hook path)."""
         if not (self.fused_host and fusion_enabled() and torch.is_grad_enabled()):
             return False
         if not (a.requires_grad or b.requires_grad):
             return False
         bias = getattr(self.module, "bias", None)
-        frozen = not self.weight.requires_grad and (bias is None or not bias.requires_grad)
-        return (
-            frozen
-            and not torch.is_autocast_enabled(x.device.type)
-            and x.dtype == self.weight.dtype == a.dtype == b.dtype
-            and x.device == self.weight.device
-        )
+        if self.weight.requires_grad or (bias is not None and bias.requires_grad) or x.device != self.weight.device:
+            return False
+        if torch.is_autocast_enabled(x.device.type):
+            return all(t.dtype in _AUTOCAST_CASTS for t in (x, self.weight, a, b))
+        return x.dtype == self.weight.dtype == a.dtype == b.dtype
 
     def fused_product(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
         """The host's output plus ``scale * (x Aᵀ) Bᵀ``, forward and backward in one autograd function (only where
-        :meth:`fuses` said so)."""
-        return low_rank_linear(x, self.weight_view(), getattr(self.module, "bias", None), a, self._scaled(b), scale)
+        :meth:`fuses` said so). Under autocast every operand is cast to its dtype first, as autocast casts the
+        host's ``F.linear`` and the adapter's products, and the function runs with autocast off."""
+        bias = getattr(self.module, "bias", None)
+        operands = [x, self.weight_view(), bias, a, self._scaled(b)]
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return low_rank_linear(*operands, scale)
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return low_rank_linear(*(None if t is None else t.to(dtype) for t in operands), scale)
 
     # A host whose forward multiplies its own output by a constant (Gemma's and BART's scaled word embeddings): the
     # update is scaled the same way, so that the unmerged forward equals the merged one, scale * (W + dW).
