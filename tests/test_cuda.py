@@ -132,3 +132,25 @@ def test_the_summary_reports_what_it_found_and_nothing_else(tmp_path):
     assert found["targets"]["lora_step_speedup_over_peft"]["met"] is False
     assert found["targets"]["check_seconds"]["met"] is False
     assert json.loads((tmp_path / "summary.json").read_text())["mixed_batches"]["speedup_by_adapters"]["32"] == 2.5
+
+
+@gpu
+def test_offloaded_activations_train_the_same_adapters(tmp_path):
+    """``offload_activations: true`` keeps autograd's saved tensors in host memory; the steps are the same."""
+    from test_training import adapters, run, write_config
+
+    trained = {}
+    for offload in (False, True):
+        folder = tmp_path / str(offload)
+        folder.mkdir()
+        run(
+            write_config(
+                folder,
+                steps=4,
+                offload_activations=offload,
+                spec={"adapters": {"default": [{"method": "lora", "target": ["@query", "@value"], "r": 4}]}},
+            )
+        )
+        trained[offload] = adapters(folder / "out")
+    for key, tensor in trained[False].items():
+        torch.testing.assert_close(trained[True][key], tensor, rtol=1e-4, atol=1e-5)

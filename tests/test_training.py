@@ -247,3 +247,12 @@ def test_training_reports_what_a_merge_into_its_base_would_lose(tmp_path):
     result = train(TrainConfig.from_file(write_config(tmp_path, steps=2)), tmp_path, progress=False, log=lines.append)
     assert result.merge_error is not None and 0 <= result.merge_error < 1e-5  # an fp32 base
     assert any("merge_error_max_abs" in line for line in lines)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU offloading runs (tests/test_cuda.py)")
+def test_offloading_activations_on_the_cpu_is_refused_by_name_before_anything_is_written(tmp_path):
+    with pytest.raises(
+        peftkit.PeftkitError, match=r"offload_activations .* computes on cpu.*Remove offload_activations"
+    ):
+        run(write_config(tmp_path, offload_activations=True))
+    assert not (tmp_path / "out").exists()

@@ -69,6 +69,11 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = Field(
         default=False, description="recompute each block's activations in the backward: less memory, more time"
     )
+    offload_activations: bool = Field(
+        default=False,
+        description="keep what autograd saves for the backward in (pinned) host memory instead of the GPU's: less "
+        "GPU memory, a copy each way per step; GPU only",
+    )
     seed: int = 0
     output: str = Field(description="folder for checkpoints and the final adapters")
     checkpoint_every: int = Field(default=50, gt=0)

@@ -12,6 +12,8 @@ global batch (:mod:`peftkit.training.distributed` holds the collective parts).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import random
@@ -221,6 +223,12 @@ def _train(config: TrainConfig, config_dir: Path, runtime: Runtime, *, progress:
             f"{acting} act on whole adapter tensors between optimizer steps, which FSDP2 shards across processes; "
             "train them with strategy: ddp (or on one process)"
         )
+    if config.offload_activations and runtime.device.type != "cuda":
+        raise PeftkitError(
+            f"offload_activations moves the tensors autograd saves from the GPU to host memory; this run computes on "
+            f"{runtime.device.type}, where they already are. Remove offload_activations (gradient_checkpointing "
+            "is what saves memory on a CPU)"
+        )
     model = _build_model(config, runtime.device)
     _refuse_models_without_a_language_model_head(model, config.model.name)
     attach(model, spec)  # a spec that does not fit the model fails here, before anything is written
@@ -246,6 +254,11 @@ def _train(config: TrainConfig, config_dir: Path, runtime: Runtime, *, progress:
         start = _restore_state(state, folder, net, optimizer, scheduler, runtime, log)
 
     autocast = torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    saved_on = (  # each step's own context: save_on_cpu's hooks are pushed and popped around the forward
+        functools.partial(torch.autograd.graph.save_on_cpu, pin_memory=True)
+        if config.offload_activations
+        else contextlib.nullcontext
+    )
     net.train()
     bar = None
     if progress and runtime.is_main:
@@ -261,7 +274,7 @@ def _train(config: TrainConfig, config_dir: Path, runtime: Runtime, *, progress:
         # gradients over ranks: N processes then take the step one process takes on the whole batch.
         targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         local = {k: v.to(runtime.device) for k, v in distributed.local_rows(batch, runtime).items()}
-        with autocast:
+        with autocast, saved_on():
             loss = net(**local, num_items_in_batch=targets.to(runtime.device)).loss * runtime.world_size
             loss = loss + regularization(model)  # the methods' own loss terms (AdaLoRA's orthogonality)
         loss.backward()
