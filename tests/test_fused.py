@@ -265,3 +265,21 @@ def test_under_autocast_the_fused_step_computes_what_autocast_computes_on_the_ho
     for got, want in zip(fused, hooks, strict=True):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * max(want.abs().max().item(), 1e-3))
+
+
+def test_detach_keeps_a_forward_that_wrapped_the_fused_one(fused_calls):
+    """accelerate's dispatch after attach wraps the forward it finds (ours); detach must not take theirs away."""
+    model = _model_with_lora()
+    ours = model[0].forward
+    calls = []
+
+    def theirs(x):
+        calls.append(1)
+        return ours(x)
+
+    model[0].forward = theirs
+    peftkit.detach(model)
+    assert model[0].forward is theirs
+    x = torch.randn(2, 8, requires_grad=True)
+    torch.testing.assert_close(model(x), model[2](torch.tanh(nn.functional.linear(x, model[0].weight, model[0].bias))))
+    assert calls and fused_calls[0] == 0

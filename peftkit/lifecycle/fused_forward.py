@@ -62,7 +62,11 @@ class FusedForward:
         container.__dict__[FUSED_MARK] = True
 
     def remove(self) -> None:
-        self.host.__dict__.pop("forward", None)
+        """Take the replacement away, unless someone wrapped it since (accelerate's dispatch keeps the forward it
+        found and calls it): theirs stays, and ours, with no adapters left on the host, runs the host's own."""
+        forward = self.host.__dict__.get("forward")
+        if isinstance(forward, functools.partial) and forward.func is _forward:
+            del self.host.__dict__["forward"]
         container = self.host._modules.get(ADAPTER_CONTAINER)
         if container is not None:
             container.__dict__.pop(FUSED_MARK, None)
