@@ -89,9 +89,9 @@ class DoRAAdapter(LoRAAdapter):
             self.site.project_out_(out, self.site.project_in(x, self.lora_a), self.lora_b, self.scaling)
         )
 
-    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fused_forward(self, x: torch.Tensor, host: nn.Module) -> torch.Tensor:
         """W0 x + b + s B A x from the fused function (LoRA's ``fuses`` decides when), then rescaled."""
-        return self._rescaled(self.site.fused_product(x, self.lora_a, self.lora_b, self.scaling))
+        return self._rescaled(self.site.fused_product(x, self.lora_a, self.lora_b, self.scaling, host))
 
     def _rescaled(self, mixed: torch.Tensor) -> torch.Tensor:
         """f ⊙ (mixed - b) + b in one pass, (1 - f) b + f ⊙ mixed, for mixed = W0 x + b + s B A x."""

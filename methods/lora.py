@@ -145,13 +145,13 @@ class LoRAAdapter(Adapter):
         h = self.site.project_in(x, self.lora_a)  # "... d_in -> ... r"
         return self.site.project_out_(out, h, self.lora_b, self.scaling)  # out += scaling * h @ B.T
 
-    def fuses(self, x: torch.Tensor) -> bool:
+    def fuses(self, x: torch.Tensor, host: nn.Module) -> bool:
         """The host's product and B A in one autograd function while training, where the site allows it (a plain
         linear host, frozen, same dtypes); not with dropout, whose masked input only the update sees."""
-        return not (self.dropout and self.training) and self.site.fuses(x, self.lora_a, self.lora_b)
+        return not (self.dropout and self.training) and self.site.fuses(x, self.lora_a, self.lora_b, host)
 
-    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.site.fused_product(x, self.lora_a, self.lora_b, self.scaling)
+    def fused_forward(self, x: torch.Tensor, host: nn.Module) -> torch.Tensor:
+        return self.site.fused_product(x, self.lora_a, self.lora_b, self.scaling, host)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A as a (d_out, d_in) matrix in float32, or float64 for a float64 model."""

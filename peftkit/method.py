@@ -136,14 +136,15 @@ class Adapter(nn.Module):
         """Weight, output and parallel sites call this; an attention-site adapter acts in ``attend`` instead."""
         return out
 
-    def fuses(self, x: torch.Tensor) -> bool:
-        """Whether :meth:`fused_forward` computes the host's output with this adapter applied, for input ``x``. The
+    def fuses(self, x: torch.Tensor, host: nn.Module) -> bool:
+        """Whether :meth:`fused_forward` computes ``host``'s output with this adapter applied, for input ``x``. The
         core asks before the host runs, where this adapter is the first to act on the host's output; when True the
-        host's own forward is skipped and :meth:`forward` is not called for this adapter in that call."""
+        host's own forward is skipped and :meth:`forward` is not called for this adapter in that call. ``host`` is
+        the module being called: the site's module, or a replica of it (``nn.DataParallel``), whose weights to use."""
         return False
 
-    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The host's output for ``x`` with this adapter's change, computed together in one autograd function (a
+    def fused_forward(self, x: torch.Tensor, host: nn.Module) -> torch.Tensor:
+        """``host``'s output for ``x`` with this adapter's change, computed together in one autograd function (a
         weight site's :meth:`~peftkit.sites.WeightSite.fused_product`); it must equal ``forward(x, host(x))``."""
         raise NotImplementedError(f"{type(self).__name__} does not fuse with its host")
 

@@ -171,11 +171,12 @@ def test_a_host_whose_forward_someone_else_replaced_keeps_it(fused_calls):
     assert model[0].forward is their_forward
 
 
-def test_detach_and_failed_attach_leave_no_forward_behind(monkeypatch):
+def test_detach_and_failed_attach_leave_the_hosts_class_as_it_was(monkeypatch):
     model = _model_with_lora()
-    assert "forward" in model[0].__dict__
+    assert type(model[0]) is not nn.Linear and isinstance(model[0], nn.Linear)
+    assert type(model[0]).__name__ == "Linear" and "forward" not in model[0].__dict__
     peftkit.detach(model)
-    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
 
     def fail(*args, **kwargs):
         raise RuntimeError("a failure after every host was installed")
@@ -183,7 +184,7 @@ def test_detach_and_failed_attach_leave_no_forward_behind(monkeypatch):
     monkeypatch.setattr("peftkit.lifecycle.attach._add_gates", fail)
     with pytest.raises(RuntimeError, match="after every host"):
         peftkit.attach(model, {"adapters": {"a": [{"method": "lora", "target": ["0", "2"], "r": 2}]}})
-    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
 
 
 def test_a_deep_copy_fuses_its_own_adapters(fused_calls):
@@ -283,3 +284,95 @@ def test_detach_keeps_a_forward_that_wrapped_the_fused_one(fused_calls):
     x = torch.randn(2, 8, requires_grad=True)
     torch.testing.assert_close(model(x), model[2](torch.tanh(nn.functional.linear(x, model[0].weight, model[0].bias))))
     assert calls and fused_calls[0] == 0
+
+
+def test_a_data_parallel_replica_runs_its_own_weights():
+    """nn.DataParallel's replicas copy a module's ``__dict__``; the forward is the class's, so it runs the replica."""
+    model = _model_with_lora()
+    host = model[0]
+    replica = host._replicate_for_data_parallel()
+    replica._parameters = dict(host._parameters)
+    replica.weight = nn.Parameter(host.weight.detach() * 2, requires_grad=False)
+    x = torch.randn(3, 8, requires_grad=True)
+    lora = host.peftkit_adapters["a"]
+    want = nn.functional.linear(x, replica.weight, host.bias) + lora.scaling * x @ lora.lora_a.t() @ lora.lora_b.t()
+    torch.testing.assert_close(replica(x), want)
+
+
+def test_a_pickled_model_runs_and_detaches_like_the_original():
+    import pickle
+
+    model = _model_with_lora()
+    x = torch.randn(3, 8, requires_grad=True)
+    clone = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(clone(x), model(x))
+    peftkit.detach(clone)
+    assert type(clone[0]) is nn.Linear
+
+
+def test_the_adapters_are_applied_once_whatever_changes_after_the_hosts_forward(fused_calls):
+    """The fuse-or-not decision is taken once per call: a wrapper that changes what ``fuses`` would answer after the
+    host's forward (as an offloading hook moves the weight away) cannot make the update count twice."""
+    model = _model_with_lora()
+    x = torch.randn(3, 8, requires_grad=True)
+    with peftkit.unfused():
+        want = model(x).detach()
+    ours = model[0].forward
+
+    def offloading(*args):
+        out = ours(*args)
+        model[0].weight.requires_grad_(True)  # the host would no longer fuse
+        return out
+
+    model[0].forward = offloading
+    got = model(x)
+    model[0].weight.requires_grad_(False)
+    assert fused_calls[0] == 2
+    torch.testing.assert_close(got.detach(), want)
+
+
+def test_a_second_derivative_through_the_fused_path_equals_the_hook_paths(fused_calls):
+    """create_graph=True (MAML, Hessian-vector products): the fused backward is then made of recorded ops, with
+    ``x Aᵀ`` recomputed from the saved input."""
+    model = _model_with_lora()
+    x = torch.randn(3, 8, requires_grad=True)
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    def second_order() -> list[torch.Tensor]:
+        grads = torch.autograd.grad(model(x).pow(2).sum(), trained, create_graph=True)
+        return list(torch.autograd.grad(sum(g.pow(2).sum() for g in grads), [*trained, x]))
+
+    fused = second_order()
+    assert fused_calls[0] == 2
+    with peftkit.unfused():
+        hooks = second_order()
+    for got, want in zip(fused, hooks, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_second_derivative_with_a_frozen_and_no_saved_input_is_refused_by_name():
+    model = _model_with_lora(freeze_a=True)
+    x = torch.randn(3, 8, requires_grad=True)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(RuntimeError, match=r"LoRA-FA.*peftkit.unfused"):
+        torch.autograd.grad(model(x).pow(2).sum(), trained, create_graph=True)
+
+
+def test_torch_func_transforms_and_forward_mode_take_the_hook_path(fused_calls):
+    model = _model_with_lora()
+    x = torch.randn(3, 8)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss(parameters):
+        return torch.func.functional_call(model, parameters, (x,)).pow(2).sum()
+
+    grads = torch.func.grad(loss)(trained)
+    model(x).pow(2).sum().backward()
+    for name, parameter in trained.items():
+        torch.testing.assert_close(grads[name], parameter.grad)
+    import torch.autograd.forward_ad as forward_ad
+
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, torch.ones_like(x))
+        assert forward_ad.unpack_dual(model(dual)).tangent is not None
+    assert fused_calls[0] == 2  # the eager step's two hosts; none under torch.func or forward-mode AD

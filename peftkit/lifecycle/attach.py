@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.compose import LEARNED_RULES, check_rules, compose_output, gate_name, rule_module
+from peftkit.compose import LEARNED_RULES, check_rules, gate_name, rule_module
 from peftkit.errors import AttachError
 from peftkit.keys import ADAPTER_CONTAINER
-from peftkit.lifecycle.activation import routed_input, routed_output
+from peftkit.lifecycle.activation import routed_input
 from peftkit.lifecycle.dequantize import dequantized_hosts, install_dequantized
-from peftkit.lifecycle.fused_forward import FUSED_MARK, FusedForward, HostHandles, can_replace_forward, fused_adapter
+from peftkit.lifecycle.host_forward import SwappedClass, can_swap_class, run_adapters
 from peftkit.lifecycle.merging import merge, mergeable_choice, unmerge
 from peftkit.lifecycle.rewrite import refuse_rewrites, restore, rewrite, rewrites_base, rewritten_by
 from peftkit.lifecycle.shared import adopt_shared_state, build_shared_state
@@ -39,7 +39,6 @@ from peftkit.lifecycle.tied import follow, holders_to_follow
 from peftkit.method import Adapter, Method
 from peftkit.patterns import compile_pattern
 from peftkit.sites.placements import places_of
-from peftkit.sites.sublayer import first_input
 from peftkit.spec import Spec
 from peftkit.targeting import Plan, base_modules, resolve
 
@@ -47,36 +46,7 @@ from peftkit.targeting import Plan, base_modules, resolve
 # Hooks are partials of module-level functions, never closures: copy.deepcopy(model) deep-copies a partial's
 # arguments with the model (the copy's hooks then drive the copy's state and adapters), but shares a closure's.
 def _make_hook(state: ModelState):
-    return functools.partial(_run_adapters, state)
-
-
-def _run_adapters(state: ModelState, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    container = getattr(module, ADAPTER_CONTAINER)
-    running = [a for n, a in container.items() if n in state.active and not a.merged]
-    # an adapter that rewrote its host's weight and does not run gives back what it took out of the weight
-    dormant = [
-        a
-        for n, a in container.items()
-        if a.__dict__.get("peftkit_rewrites_base") and not a.merged and (n not in state.active or state.routing)
-    ]
-    if not running and not dormant and state.routing is None:
-        return None
-    x = first_input(args, kwargs)
-    if container.__dict__.get(FUSED_MARK) and fused_adapter(state, container, x) is not None:
-        running = running[1:]  # the first computed the host's output with its own change (fused_forward.py)
-    hidden = out if isinstance(out, torch.Tensor) else out[0]  # sub-layers may return (hidden, weights, ...)
-    for adapter in dormant:
-        hidden = adapter.removed_forward(x, hidden)
-    if state.routing is not None:
-        hidden = routed_output(container, state.routing, x, hidden)
-    elif state.spec.compose:
-        hidden = compose_output(container, state.spec.compose, state.active, x, hidden)
-    else:
-        for adapter in running:
-            hidden = adapter(x, hidden)
-    if isinstance(out, torch.Tensor):
-        return hidden
-    return (hidden, *out[1:]) if isinstance(out, tuple) else type(out)([hidden, *out[1:]])
+    return functools.partial(run_adapters, state)
 
 
 def _make_input_hook(state: ModelState, name: str, adapter: Adapter):
@@ -210,9 +180,10 @@ def _install(
         container.__dict__["_peftkit_state"] = state  # for hooks that find adapters through their host
         host.add_module(ADAPTER_CONTAINER, container)
         undo.append(functools.partial(delattr, host, ADAPTER_CONTAINER))
-        handle = host.register_forward_hook(_make_hook(state), with_kwargs=True)
-        if can_replace_forward(item.site, host):
-            handle = HostHandles(handle, FusedForward(state, host, container))
+        if can_swap_class(item.site, host):  # its forward runs its adapters, fused where they can (host_forward.py)
+            handle = SwappedClass(host)
+        else:
+            handle = host.register_forward_hook(_make_hook(state), with_kwargs=True)
         state.hooks[path] = handle
         undo.append(functools.partial(_drop_hook, state, path, handle))
     container[name] = adapter

@@ -39,6 +39,12 @@ def fusion_enabled() -> bool:
     return _ENABLED[0]
 
 
+def fusable_autograd() -> bool:
+    """False under torch.func's transforms (grad, vmap, jacrev...) and forward-mode AD, which need a function to
+    define ``setup_context``, a vmap rule and a ``jvp``; those calls take the hook path, made of plain torch ops."""
+    return torch._C._functorch.peek_interpreter_stack() is None and torch.autograd.forward_ad._current_level < 0
+
+
 class LowRankLinear(torch.autograd.Function):
     """``x Wᵀ + bias + scale * (x Aᵀ) Bᵀ`` with W (out, in) frozen, A (r, in), B (out, r)."""
 
@@ -63,15 +69,19 @@ class LowRankLinear(torch.autograd.Function):
             torch.addmm(bias, rows, weight.t(), out=flat)
         h = torch.mm(a, rows.t()).t()  # "r i, t i -> t r", computed r rows tall
         flat.addmm_(h, b.t(), alpha=scale)  # "t r, o r -> t o", added in place
+        # x itself (not its reshaped view), so that a backward with create_graph=True can differentiate through it
         ctx.save_for_backward(
-            rows if ctx.needs_input_grad[3] else None, h if ctx.needs_input_grad[4] else None, weight, a, b
+            x if ctx.needs_input_grad[3] else None, h if ctx.needs_input_grad[4] else None, weight, a, b
         )
         ctx.scale, ctx.input_shape = scale, x.shape
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        rows, h, weight, a, b = ctx.saved_tensors
+        x, h, weight, a, b = ctx.saved_tensors
+        rows = None if x is None else x.reshape(-1, x.shape[-1])
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative will follow
+            return LowRankLinear._differentiable_backward(ctx, grad, rows, h, weight, a, b)
         grad_rows = grad.reshape(-1, grad.shape[-1])  # "... o -> t o"
         grad_h = torch.mm(b.t(), grad_rows.t()).t()  # "o r, t o -> t r" without the scale: it goes on the thin side
         grad_x = grad_a = grad_b = None
@@ -81,6 +91,28 @@ class LowRankLinear(torch.autograd.Function):
             grad_a = torch.mm(grad_h.t(), rows).mul_(ctx.scale)  # "t r, t i -> r i"
         if ctx.needs_input_grad[4]:
             grad_b = torch.mm(h.t(), grad_rows).mul_(ctx.scale).t()  # "t r, t o -> r o", B's gradient transposed
+        return grad_x, None, None, grad_a, grad_b, None
+
+    @staticmethod
+    def _differentiable_backward(
+        ctx: Any, grad: torch.Tensor, rows: torch.Tensor | None, h: torch.Tensor | None, weight, a, b
+    ) -> tuple[torch.Tensor | None, ...]:
+        """The same gradients from out-of-place ops that autograd records, with ``x Aᵀ`` recomputed from the saved
+        input, so that MAML or a Hessian-vector product gets its second derivative."""
+        if rows is None and h is not None and ctx.needs_input_grad[0]:
+            raise RuntimeError(
+                "a second derivative through peftkit's fused low-rank path with A frozen (LoRA-FA) needs the host's "
+                "input, which that path does not keep; run that forward inside `with peftkit.unfused():`"
+            )
+        grad_rows = grad.reshape(-1, grad.shape[-1])
+        grad_h = grad_rows @ b
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_rows @ weight + ctx.scale * (grad_h @ a)).view(ctx.input_shape)
+        if ctx.needs_input_grad[3]:
+            grad_a = ctx.scale * (grad_h.t() @ rows)
+        if ctx.needs_input_grad[4]:
+            grad_b = ctx.scale * (grad_rows.t() @ (rows @ a.t() if rows is not None else h))
         return grad_x, None, None, grad_a, grad_b, None
 
 

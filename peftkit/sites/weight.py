@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.sites.fused import fusion_enabled, low_rank_linear
+from peftkit.keys import BASE_CLASS
+from peftkit.sites.fused import fusable_autograd, fusion_enabled, low_rank_linear
 from peftkit.sites.kinds import SiteContext, register_site_kind
 
 try:  # GPT-2 and a few other transformers models use a transposed linear layer
@@ -31,6 +32,12 @@ except ImportError:  # pragma: no cover - transformers is a dependency, but the 
 
 # the floating dtypes autocast casts to its own (it leaves float64 alone)
 _AUTOCAST_CASTS = frozenset({torch.float32, torch.float16, torch.bfloat16})
+
+
+def host_class(module: nn.Module) -> type[nn.Module]:
+    """The module's class as its library defined it: while peftkit runs a host's adapters from its forward, the
+    host's class is a subclass of it (peftkit.lifecycle.host_forward) whose forward must not count as the host's."""
+    return getattr(type(module), BASE_CLASS, type(module))
 
 
 def widened(tensor: torch.Tensor) -> torch.Tensor:
@@ -112,35 +119,43 @@ class WeightSite:
     # that :func:`~peftkit.sites.fused.low_rank_linear` can compute it together with a low-rank update.
     fused_host = False
 
-    def fuses(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
-        """Whether :meth:`fused_product` computes this host's output for input ``x`` with factors ``a``, ``b``: only
+    def fuses(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, host: nn.Module) -> bool:
+        """Whether :meth:`fused_product` computes ``host``'s output for input ``x`` with factors ``a``, ``b``: only
         where it is faster than the host's forward plus the update, i.e. when autograd will differentiate a factor
         (without a backward the hook path is already one GEMM and an in-place ``addmm_``), the weight and bias are
-        frozen (the fused backward gives them no gradient), and all dtypes agree, or autocast will cast them all to
-        its dtype (as it would cast the host's and the adapter's products on the hook path)."""
+        frozen (the fused backward gives them no gradient), everything is on one device, and all dtypes agree, or
+        autocast will cast them all to its dtype (as it would cast the host's and the adapter's products on the hook
+        path). ``host`` is the module being called: ``site.module`` or a replica of it (``nn.DataParallel``)."""
         if not (self.fused_host and fusion_enabled() and torch.is_grad_enabled()):
             return False
-        if not (a.requires_grad or b.requires_grad):
+        if not (a.requires_grad or b.requires_grad) or not fusable_autograd():
             return False
-        bias = getattr(self.module, "bias", None)
-        if self.weight.requires_grad or (bias is not None and bias.requires_grad) or x.device != self.weight.device:
+        weight, bias = host.weight, getattr(host, "bias", None)
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            return False
+        if not x.device == weight.device == a.device == b.device:  # an offloaded adapter loads in its own call
             return False
         if torch.is_autocast_enabled(x.device.type):
-            return all(t.dtype in _AUTOCAST_CASTS for t in (x, self.weight, a, b))
-        return x.dtype == self.weight.dtype == a.dtype == b.dtype
+            return all(t.dtype in _AUTOCAST_CASTS for t in (x, weight, a, b))
+        return x.dtype == weight.dtype == a.dtype == b.dtype
 
-    def fused_product(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-        """The host's output plus ``scale * (x Aᵀ) Bᵀ``, forward and backward in one autograd function (only where
+    def fused_product(
+        self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, host: nn.Module
+    ) -> torch.Tensor:
+        """``host``'s output plus ``scale * (x Aᵀ) Bᵀ``, forward and backward in one autograd function (only where
         :meth:`fuses` said so). Under autocast every operand is cast to its dtype first, as autocast casts the
         host's ``F.linear`` and the adapter's products, and the function runs with autocast off."""
-        bias = getattr(self.module, "bias", None)
-        operands = [x, self.weight_view(), bias, a, self._scaled(b)]
+        operands = [x, self._as_matrix(host.weight), getattr(host, "bias", None), a, self._scaled(b)]
         device = x.device.type
         if not torch.is_autocast_enabled(device):
             return low_rank_linear(*operands, scale)
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
             return low_rank_linear(*(None if t is None else t.to(dtype) for t in operands), scale)
+
+    def _as_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight of this host type as (out_features, in_features), a view."""
+        return weight
 
     # A host whose forward multiplies its own output by a constant (Gemma's and BART's scaled word embeddings): the
     # update is scaled the same way, so that the unmerged forward equals the merged one, scale * (W + dW).
@@ -223,7 +238,7 @@ class LinearSite(WeightSite):
     def __init__(self, module: nn.Linear) -> None:
         super().__init__(module)
         self.in_features, self.out_features = module.in_features, module.out_features
-        self.fused_host = type(module).forward is nn.Linear.forward
+        self.fused_host = host_class(module).forward is nn.Linear.forward
 
 
 class Conv1DSite(WeightSite):
@@ -232,10 +247,13 @@ class Conv1DSite(WeightSite):
     def __init__(self, module: nn.Module) -> None:
         super().__init__(module)
         self.in_features, self.out_features = module.weight.shape
-        self.fused_host = type(module).forward is Conv1D.forward
+        self.fused_host = host_class(module).forward is Conv1D.forward
 
     def weight_view(self) -> torch.Tensor:
         return self.weight.t()
+
+    def _as_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t()
 
     def _delta_in_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.t()
@@ -255,6 +273,9 @@ class EmbeddingSite(WeightSite):
 
     def weight_view(self) -> torch.Tensor:
         return self.weight.t()
+
+    def _as_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t()
 
     def _delta_in_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.t()
@@ -416,7 +437,7 @@ def _unfollowable(module: nn.Module, module_type: type[nn.Module]) -> str | None
             "bitsandbytes' Linear4bit and Linear8bitLt are built in, docs/quantization.md); load the base in a "
             "floating-point dtype or leave this module out of the target"
         )
-    if type(module).forward is module_type.forward:
+    if host_class(module).forward is module_type.forward:
         return None
     if module_type is nn.Embedding:
         return None  # the embedding factory follows a scaled lookup and refuses every other override
@@ -439,7 +460,7 @@ def _computes_a_linear_map(module: nn.Module) -> bool:
     probe = torch.randn(2, weight.shape[1], generator=generator, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         for x in (probe, probe * 1000):
-            got, want = type(module).forward(module, x), F.linear(x, weight, bias)
+            got, want = host_class(module).forward(module, x), F.linear(x, weight, bias)
             if not isinstance(got, torch.Tensor) or got.shape != want.shape:
                 return False
             tolerance = 1e-2 if weight.dtype in (torch.float16, torch.bfloat16) else 1e-5

@@ -71,8 +71,8 @@ class TrainConfig(_Strict):
     )
     offload_activations: bool = Field(
         default=False,
-        description="keep what autograd saves for the backward in (pinned) host memory instead of the GPU's: less "
-        "GPU memory, a copy each way per step; GPU only",
+        description="keep the activations autograd saves for the backward in pinned host memory instead of the "
+        "GPU's (the model's own weights stay): less GPU memory, a copy each way per step; GPU only",
     )
     seed: int = 0
     output: str = Field(description="folder for checkpoints and the final adapters")

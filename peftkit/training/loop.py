@@ -36,6 +36,7 @@ from peftkit.lifecycle.schedule import acts_between_steps, after_optimizer_step,
 from peftkit.quantization import enable_gradient_checkpointing, prepare_for_kbit_training
 from peftkit.training.config import TrainConfig
 from peftkit.training.distributed import Runtime
+from peftkit.training.offload import offloaded_activations
 from peftkit.untrusted import parse_json
 
 IGNORE_INDEX = -100
@@ -254,10 +255,8 @@ def _train(config: TrainConfig, config_dir: Path, runtime: Runtime, *, progress:
         start = _restore_state(state, folder, net, optimizer, scheduler, runtime, log)
 
     autocast = torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
-    saved_on = (  # each step's own context: save_on_cpu's hooks are pushed and popped around the forward
-        functools.partial(torch.autograd.graph.save_on_cpu, pin_memory=True)
-        if config.offload_activations
-        else contextlib.nullcontext
+    saved_on = (  # each step's own context: the hooks are pushed and popped around the forward
+        functools.partial(offloaded_activations, net) if config.offload_activations else contextlib.nullcontext
     )
     net.train()
     bar = None
