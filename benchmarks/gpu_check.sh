@@ -12,9 +12,12 @@
 # Run it from the repository root, with the environment `bash run.sh test` builds plus a CUDA build of torch
 # (pip install torch==2.13.0 from the CUDA index). Without a GPU it stops at once and says so.
 set -euo pipefail
+out="$(realpath -m "${1:-gpu-check}")"  # relative to where it was called from, before the cd below
 cd "$(dirname "$0")/.."
-out="${1:-gpu-check}"
 mkdir -p "$out"
+# a step that fails or times out must not leave an earlier run's result for the summary to read as this run's
+rm -rf "$out/cuda-tests.xml" "$out/cuda-tests.log" "$out/compare" "$out/compare.log" "$out/routing.json" \
+  "$out/routing.md" "$out/versus_peft.json" "$out/versus_peft.md" "$out/summary.json" "$out/summary.md"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" || {
   echo "gpu_check: no CUDA GPU is visible to torch (torch.cuda.is_available() is False); nothing was run" >&2
@@ -24,7 +27,8 @@ start=$SECONDS
 step() { echo "== [$((SECONDS - start)) s] $*" >&2; }
 
 step "1/4 the CUDA test cases"
-python -m pytest -q tests/test_cuda.py --junitxml="$out/cuda-tests.xml" -p no:cacheprovider | tee "$out/cuda-tests.log" || true
+timeout 120 python -m pytest -q -n 0 tests/test_cuda.py --junitxml="$out/cuda-tests.xml" -p no:cacheprovider \
+  | tee "$out/cuda-tests.log" || echo "CUDA tests failed or timed out: see $out/cuda-tests.log" >&2
 
 step "2/4 peftkit compare on SmolLM2, bf16, LoRA against HF PEFT"
 timeout 240 peftkit compare --task r8-generation --device cuda --dtype bf16 --peer peft --methods lora \

@@ -278,6 +278,7 @@ def training_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def mixed_batches(args: argparse.Namespace) -> dict[str, Any]:
     options = ["--adapters", ",".join(map(str, args.mixed_adapters)), "--threads", str(args.threads)]
+    options += ["--device", str(args.device), "--dtype", str(args.dtype).removeprefix("torch.")]
     if args.quick:
         options.append("--quick")
     return routing_throughput.measure(routing_throughput.parse_args(options))
