@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from peftkit import ALL_RULES, Adapter, Capabilities, Method, MethodConfig
-from peftkit.sites import WeightSite, weight_site_types, widened
+from peftkit.sites import WeightSite, host_class, weight_site_types, widened
 from peftkit.sites.weight import Conv1D
 
 
@@ -344,7 +344,7 @@ class AdaLoRA(Method):
 
         if len({a.config.model_dump_json(exclude={"target", "layers", "module_types", "ranks"}) for a in attached}) > 1:
             raise CheckpointError("a PEFT AdaLoRA adapter has one configuration; this adapter's entries differ")
-        kinds = {type(a.module.site.module) for a in attached}
+        kinds = {host_class(a.module.site.module) for a in attached}
         if not (kinds <= {nn.Linear} or kinds <= {Conv1D}):
             raise CheckpointError(f"a PEFT AdaLoRA adapter's hosts are all nn.Linear or all Conv1D; these are {kinds}")
         config = attached[0].config

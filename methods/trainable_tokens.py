@@ -21,7 +21,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from peftkit import Adapter, Capabilities, Method, MethodConfig
-from peftkit.sites import WeightSite, tied_holders
+from peftkit.sites import WeightSite, host_class, tied_holders
 
 
 class TrainableTokensConfig(MethodConfig):
@@ -69,7 +69,7 @@ class TrainableTokensAdapter(Adapter):
         return torch.where(hit[..., None], rows.to(out.dtype), out)
 
     def tied_refusal(self, holder: nn.Module) -> str | None:
-        if type(holder) is nn.Linear and holder.weight is self.site.module.weight:
+        if host_class(holder) is nn.Linear and holder.weight is self.site.module.weight:
             return None
         return f"it knows how an nn.Linear LM head uses an embedding's rows, not a {type(holder).__name__}"
 

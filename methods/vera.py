@@ -24,7 +24,7 @@ from pydantic import Field
 from torch import nn
 
 from peftkit import ALL_RULES, Adapter, Capabilities, Method, MethodConfig, SharedState
-from peftkit.sites import WeightSite, widened
+from peftkit.sites import WeightSite, host_class, widened
 from peftkit.sites.weight import Conv1D
 
 
@@ -157,7 +157,7 @@ class VeRA(Method):
 
         if len({a.entry for a in attached}) > 1:
             raise CheckpointError("a PEFT VeRA adapter has one pair of projections; this adapter has several entries")
-        kinds = {type(a.module.site.module) for a in attached}
+        kinds = {host_class(a.module.site.module) for a in attached}
         if not (kinds <= {nn.Linear} or (Conv1D is not None and kinds <= {Conv1D})):
             raise CheckpointError(
                 f"a PEFT VeRA adapter's hosts are all nn.Linear or all Conv1D (fan_in_fan_out); these are {kinds}"

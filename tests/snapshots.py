@@ -15,6 +15,7 @@ def snapshot(model: nn.Module) -> dict:
         "flags": {n: p.requires_grad for n, p in model.named_parameters()},
         "hooks": {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()},
         "children": {n: sorted(m._modules) for n, m in model.named_modules()},
+        "classes": {n: type(m) for n, m in model.named_modules()},  # a host's class swapped by attach (host_forward)
         "state": None
         if state is None
         else (sorted(state.active), sorted(state.spec.adapters), len(state.attached), len(state.hooks)),
@@ -24,5 +25,5 @@ def snapshot(model: nn.Module) -> dict:
 def assert_same(before: dict, after: dict) -> None:
     assert after["values"].keys() == before["values"].keys()
     assert all(torch.equal(before["values"][k], v) for k, v in after["values"].items())
-    for key in ("flags", "hooks", "children", "state"):
+    for key in ("flags", "hooks", "children", "classes", "state"):
         assert after[key] == before[key], key

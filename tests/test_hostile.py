@@ -38,13 +38,15 @@ SECOND = {
         "second": [{"method": "lora", "target": "v_proj"}],
         "fourth": [{"method": "lora", "target": "v_proj", "r": 2}],
         "third": [{"method": "ia3", "target": "down_proj", "feedforward": ["down_proj"]}],  # an input pre-hook
+        "fifth": [{"method": "lora", "target": "embed_tokens", "r": 2}],  # an embedding: a forward hook
     },
     "compose": [{"rule": "gate", "adapters": ["second", "fourth"]}],
 }
 # Every call that changes the model during attach; a failure is injected at each call of each in turn.
 STEPS = [
     (nn.Module, "add_module"),
-    (nn.Module, "register_forward_hook"),
+    (nn.Module, "register_forward_hook"),  # hosts other than plain linears (the embedding)
+    (attach_module, "SwappedClass"),  # a plain linear host's class, swapped so its forward runs its adapters
     (nn.Module, "register_forward_pre_hook"),
     (nn.ModuleDict, "__setitem__"),
     (compose.Gates, "__init__"),
@@ -95,7 +97,7 @@ def test_a_failure_at_any_step_of_attach_leaves_the_model_as_it_was(owner, attri
                 peftkit.attach(model, SECOND)
         assert_same(before, snapshot(model))
         peftkit.attach(model, SECOND)  # the same attach now works, and every adapter runs
-        assert {"first", "second", "third", "fourth"} == set(peftkit.active_adapters(model))
+        assert {"first", "second", "third", "fourth", "fifth"} == set(peftkit.active_adapters(model))
         assert model(IDS).logits.isfinite().all()
         peftkit.detach(model)
         assert get_state(model) is None

@@ -101,7 +101,7 @@ class LowRankLinear(torch.autograd.Function):
         input, so that MAML or a Hessian-vector product gets its second derivative."""
         if rows is None and h is not None and ctx.needs_input_grad[0]:
             raise RuntimeError(
-                "a second derivative through peftkit's fused low-rank path with A frozen (LoRA-FA) needs the host's "
+                "a second derivative through peftkit's fused low-rank path with a frozen first factor needs the host's "
                 "input, which that path does not keep; run that forward inside `with peftkit.unfused():`"
             )
         grad_rows = grad.reshape(-1, grad.shape[-1])
