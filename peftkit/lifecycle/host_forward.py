@@ -31,6 +31,18 @@ from peftkit.method import Adapter
 from peftkit.sites.sublayer import first_input
 
 
+def _running_and_dormant(state: ModelState, container: nn.ModuleDict) -> tuple[list[Adapter], list[Adapter]]:
+    """The adapters that act on the host's output now, and those that rewrote the host's weight and do not run (they
+    give back what they took out of the weight)."""
+    running = [a for n, a in container.items() if n in state.active and not a.merged]
+    dormant = [
+        a
+        for n, a in container.items()
+        if a.__dict__.get("peftkit_rewrites_base") and not a.merged and (n not in state.active or state.routing)
+    ]
+    return running, dormant
+
+
 def run_adapters(
     state: ModelState,
     module: nn.Module,
@@ -42,13 +54,8 @@ def run_adapters(
     """The host's output with its adapters applied (None where nothing changes it). ``fused``: the adapter that
     already computed ``out`` with its own change, skipped here."""
     container = getattr(module, ADAPTER_CONTAINER)
-    running = [a for n, a in container.items() if n in state.active and not a.merged and a is not fused]
-    # an adapter that rewrote its host's weight and does not run gives back what it took out of the weight
-    dormant = [
-        a
-        for n, a in container.items()
-        if a.__dict__.get("peftkit_rewrites_base") and not a.merged and (n not in state.active or state.routing)
-    ]
+    running, dormant = _running_and_dormant(state, container)
+    running = [a for a in running if a is not fused]
     if not running and not dormant and state.routing is None:
         return None
     x = first_input(args, kwargs)
@@ -68,18 +75,13 @@ def run_adapters(
 
 
 def fused_adapter(state: ModelState, container: nn.ModuleDict, x: torch.Tensor, host: nn.Module) -> Adapter | None:
-    """The adapter that computes the host's output for ``x`` in this call, or None (the host then runs itself).
-    Without autograd nothing fuses, and that is asked first: inference pays one call here per host, not a search."""
+    """The adapter that computes the host's output for ``x`` in this call, or None (the host then runs itself): the
+    first running one, where no dormant one needs the host's own output. Without autograd nothing fuses, and that is
+    asked first: inference pays one call here per host, not a search."""
     if not torch.is_grad_enabled() or state.routing is not None or state.spec.compose:
         return None
-    first = None
-    for name, adapter in container.items():
-        running = name in state.active and not adapter.merged
-        if not running and adapter.__dict__.get("peftkit_rewrites_base") and not adapter.merged:
-            return None  # it gives back what it took out of the weight, on the host's own output
-        if running and first is None:
-            first = adapter
-    return first if first is not None and first.fuses(x, host) else None
+    running, dormant = _running_and_dormant(state, container)
+    return running[0] if running and not dormant and running[0].fuses(x, host) else None
 
 
 def _fusing_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -154,7 +154,7 @@ class WeightSite:
             return low_rank_linear(*(None if t is None else t.to(dtype) for t in operands), scale)
 
     def _as_matrix(self, weight: torch.Tensor) -> torch.Tensor:
-        """A weight of this host type as (out_features, in_features), a view."""
+        """A weight of this host type (this site's or a replica's) as (out_features, in_features), a view."""
         return weight
 
     # A host whose forward multiplies its own output by a constant (Gemma's and BART's scaled word embeddings): the
@@ -188,7 +188,7 @@ class WeightSite:
     def weight_view(self) -> torch.Tensor:
         """The weight as (out_features, in_features) in its own dtype: a view, never a copy, for computations that
         must not materialise a second weight-sized tensor (a norm per output feature, a product with a thin factor)."""
-        return self.weight
+        return self._as_matrix(self.weight)
 
     def weight_as_matrix(self) -> torch.Tensor:
         """The weight as (out_features, in_features), in float32 or wider (a copy only for lower precisions)."""
@@ -249,9 +249,6 @@ class Conv1DSite(WeightSite):
         self.in_features, self.out_features = module.weight.shape
         self.fused_host = host_class(module).forward is Conv1D.forward
 
-    def weight_view(self) -> torch.Tensor:
-        return self.weight.t()
-
     def _as_matrix(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.t()
 
@@ -270,9 +267,6 @@ class EmbeddingSite(WeightSite):
 
     def project_in(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, a.t())
-
-    def weight_view(self) -> torch.Tensor:
-        return self.weight.t()
 
     def _as_matrix(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.t()
